@@ -1,0 +1,296 @@
+"""The ledger's schema: one ``calls`` row per ``UsageRecord``, plus ``call_tags`` for grouping.
+
+The columns mirror ``collector.record.UsageRecord`` field for field (same names), so a
+record goes in and comes out unchanged; ``row_from_record`` / ``record_from_row`` are the
+one place that converts between the two.
+
+Two column types exist because the databases differ:
+
+* ``UTCDateTime``: SQLite has no time zones and hands back naive datetimes; this type
+  refuses naive datetimes on the way in and always returns aware UTC on the way out.
+* ``Money``: SQLite has no exact decimal type (NUMERIC is stored as REAL, a float), so
+  money is stored as a whole number of pico-units (10^-12 of the currency unit) in a
+  BIGINT and mapped back to an exact ``Decimal``. ``func.sum(Call.cost)`` keeps the
+  column type, so sums come back as exact Decimals on both databases. Limit: SQLite sums
+  in int64 and raises "integer overflow" past about 9.2 million currency units in one
+  SUM (one row is limited the same way); PostgreSQL sums BIGINT as NUMERIC, without limit.
+
+Migrations (``migrations/versions``) spell the same schema with plain SQLAlchemy types
+(DateTime(timezone=True), BigInteger), so history never changes when this module does;
+``alembic check`` in the tests proves the two agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any, cast
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Uuid,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from collector.record import UsageRecord
+
+__all__ = [
+    "NAMING_CONVENTION",
+    "MONEY_SCALE",
+    "Base",
+    "Call",
+    "CallTag",
+    "CALLS",
+    "CALL_TAGS",
+    "Money",
+    "UTCDateTime",
+    "decimal_to_pico",
+    "pico_to_decimal",
+    "row_from_record",
+    "tag_rows_from_record",
+    "record_from_row",
+    "RECORD_FIELDS",
+]
+
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+MONEY_SCALE = 12  # digits after the decimal point that Money keeps: pico-units
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_PICO = 10**MONEY_SCALE
+
+
+def decimal_to_pico(value: Decimal | int) -> int:
+    """An exact Decimal as a whole number of 10^-12 units; refuses anything that would round."""
+    if isinstance(value, bool) or not isinstance(value, (Decimal, int)):
+        # A float here means money already went through binary floating point: refuse it.
+        raise TypeError(f"money must be a Decimal, got {type(value).__name__} {value!r}")
+    pico: int
+    if isinstance(value, int):
+        pico = value * 10**MONEY_SCALE
+    else:
+        if not value.is_finite():
+            raise ValueError(f"money must be a finite Decimal, got {value!r}")
+        # Exact integer arithmetic (the bind processor of every money column runs this per row,
+        # so it avoids a round trip through the digit tuple: 1.5 -> 0.35 us).
+        numerator, denominator = value.as_integer_ratio()
+        pico, remainder = divmod(numerator * _PICO, denominator)
+        if remainder:
+            raise ValueError(f"money {value} has more than {MONEY_SCALE} decimal places; round it explicitly first")
+    if not _INT64_MIN <= pico <= _INT64_MAX:
+        raise ValueError(f"money {value} is out of the ledger's range (about ±9.2 million units)")
+    return pico
+
+
+def pico_to_decimal(value: int | Decimal) -> Decimal:
+    """Inverse of ``decimal_to_pico``; exact whatever the Decimal context (no rounding)."""
+    pico = int(value)  # PostgreSQL returns SUM(bigint) as an integral NUMERIC
+    if pico != value:
+        raise ValueError(f"a money column held a non-integral value {value!r}")
+    sign, digits, _ = Decimal(pico).as_tuple()
+    return Decimal((sign, digits, -MONEY_SCALE))
+
+
+class Money(TypeDecorator[Decimal]):
+    """Exact money in a BIGINT of pico-units (see the module docstring for why and the limit)."""
+
+    impl = BigInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> int | None:
+        return None if value is None else decimal_to_pico(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        return None if value is None else pico_to_decimal(value)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in, timezone-aware UTC out, on every dialect."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"expected a datetime, got {type(value).__name__}")
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: the ledger stores timezone-aware UTC only")
+        value = value.astimezone(timezone.utc)
+        if dialect.name == "sqlite":
+            # Stored as text without an offset; always UTC, so text order is time order.
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Call(Base):
+    """One metered call. Columns are ``UsageRecord``'s fields, same names, same meaning."""
+
+    __tablename__ = "calls"
+
+    request_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    requested_model: Mapped[str | None] = mapped_column(String(200))
+    provider_request_id: Mapped[str | None] = mapped_column(String(200))
+    endpoint: Mapped[str] = mapped_column(String(40))
+    upstream: Mapped[str | None] = mapped_column(String(500))
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    model: Mapped[str | None] = mapped_column(String(200))
+    stream: Mapped[bool] = mapped_column(Boolean)
+    thinking: Mapped[bool | None] = mapped_column(Boolean)
+    status: Mapped[str] = mapped_column(String(20))
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    finish_reason: Mapped[str | None] = mapped_column(String(40))
+    error_type: Mapped[str | None] = mapped_column(String(200))
+    error_message: Mapped[str | None] = mapped_column(String(1000))
+
+    prompt_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    prompt_cache_hit_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    prompt_cache_miss_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    reasoning_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    usage_estimated: Mapped[bool] = mapped_column(Boolean)
+    # none_as_null: None means "no usage object", a SQL NULL, not the JSON text 'null'.
+    usage_raw: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+
+    chunk_count: Mapped[int] = mapped_column(Integer)
+    tool_call_count: Mapped[int] = mapped_column(Integer)
+    ttft_ms: Mapped[float | None] = mapped_column(Double)
+    first_content_ms: Mapped[float | None] = mapped_column(Double)
+    duration_ms: Mapped[float | None] = mapped_column(Double)
+
+    key_fingerprint: Mapped[str | None] = mapped_column(String(100))
+    user: Mapped[str | None] = mapped_column(String(500))
+    tags: Mapped[dict[str, str]] = mapped_column(JSON(none_as_null=True))
+
+    currency: Mapped[str | None] = mapped_column(String(3))
+    cost: Mapped[Decimal | None] = mapped_column(Money)
+    cost_cache_hit: Mapped[Decimal | None] = mapped_column(Money)
+    cost_cache_miss: Mapped[Decimal | None] = mapped_column(Money)
+    cost_output: Mapped[Decimal | None] = mapped_column(Money)
+    tariff_id: Mapped[str | None] = mapped_column(String(200))
+
+    __table_args__ = (
+        Index("ix_calls_started_at", "started_at"),
+        Index("ix_calls_model_started_at", "model", "started_at"),
+        Index("ix_calls_requested_model_started_at", "requested_model", "started_at"),
+        Index("ix_calls_status", "status"),
+        Index("ix_calls_key_fingerprint", "key_fingerprint"),
+        Index("ix_calls_provider_request_id", "provider_request_id"),
+    )
+
+
+class CallTag(Base):
+    """One tag of one call, so any tag key can be grouped on with plain SQL on every dialect."""
+
+    __tablename__ = "call_tags"
+
+    request_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("calls.request_id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[str] = mapped_column(String(500))
+
+    __table_args__ = (Index("ix_call_tags_key_value", "key", "value"),)
+
+
+RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(UsageRecord))
+
+CALLS: Table = cast(Table, Call.__table__)
+CALL_TAGS: Table = cast(Table, CallTag.__table__)
+
+_CALL_COLUMNS = CALLS.columns
+if set(RECORD_FIELDS) != set(_CALL_COLUMNS.keys()):  # pragma: no cover - caught at import, in every test
+    raise RuntimeError(
+        "calls columns and UsageRecord fields differ: "
+        f"{sorted(set(RECORD_FIELDS) ^ set(_CALL_COLUMNS.keys()))}"
+    )
+
+# (field, max length) for every bounded string column: over-long values are cut here, in
+# Python, so PostgreSQL never refuses a row over a long error message or model name.
+_STRING_LIMITS: tuple[tuple[str, int], ...] = tuple(
+    (column.name, column.type.length)
+    for column in _CALL_COLUMNS
+    if isinstance(column.type, String) and column.type.length
+)
+_TAG_KEY_LIMIT = 100
+_TAG_VALUE_LIMIT = 500
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        value = value.value
+    text = value if type(value) is str else str(value)
+    # PostgreSQL text cannot hold NUL; an upstream can still send one. Keep the row, mark the spot.
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+def row_from_record(record: UsageRecord) -> dict[str, Any]:
+    """The ``calls`` row for a record: same keys, strings fitted to their columns."""
+    row = {name: getattr(record, name) for name in RECORD_FIELDS}
+    for name, limit in _STRING_LIMITS:
+        value = row[name]
+        if value is None:
+            continue
+        if type(value) is not str or "\x00" in value:
+            value = _text(value)
+        row[name] = value[:limit] if len(value) > limit else value
+    tags = record.tags
+    if tags and not all(type(k) is str and type(v) is str and "\x00" not in k + v for k, v in tags.items()):
+        tags = {_text(k): _text(v) for k, v in tags.items()}
+    row["tags"] = dict(tags) if tags else {}
+    return row
+
+
+def tag_rows_from_record(record: UsageRecord) -> list[dict[str, Any]]:
+    """The ``call_tags`` rows for a record (keys cut to fit, first one wins if two collide)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for key, value in (record.tags or {}).items():
+        k = _text(key)[:_TAG_KEY_LIMIT]
+        if k not in rows:
+            rows[k] = {"request_id": record.request_id, "key": k, "value": _text(value)[:_TAG_VALUE_LIMIT]}
+    return list(rows.values())
+
+
+def record_from_row(row: Call | Mapping[str, Any]) -> UsageRecord:
+    """A ``UsageRecord`` from a ``Call`` object or a ``calls`` row mapping (``row._mapping``)."""
+    if isinstance(row, Call):
+        values = {name: getattr(row, name) for name in RECORD_FIELDS}
+    else:
+        values = {name: row[name] for name in RECORD_FIELDS}
+    if values["tags"] is None:
+        values["tags"] = {}
+    return UsageRecord(**values)

@@ -1,0 +1,441 @@
+"""Daily rollups: per (UTC day, model, status, currency, key fingerprint, tag set, tariff) sums.
+
+Reports and the dashboard read ``rollup_daily`` instead of scanning millions of calls
+(``collector.queries`` picks it when the range is whole UTC days). It must always equal
+what the raw ledger gives, so it changes in exactly two ways:
+
+* **Incrementally**: ``RollupHook`` is a ``LedgerWriter.on_written`` hook (``attach``). The
+  writer calls it with the records a committed batch actually added (a replayed duplicate is
+  never passed twice), and it adds their sums in one transaction. If the database refuses,
+  the sums wait in memory and go with the next batch.
+* **By re-deriving days** from the raw ledger: ``rebuild`` (``dsmeter rollup``, after a
+  reprice, after upgrading a ledger that had calls before the rollup existed). It replaces
+  the days' rows in one transaction. Idempotent: any range, any number of times.
+
+The two serialise on a lock (PostgreSQL advisory lock, SQLite's write lock). One race is left
+by the writer committing calls before it calls its hook: a rebuild that read the raw ledger
+in between has already counted them. So every rebuild stamps the days it re-derived, and a
+hook that finds one of its days re-derived within ``REBUILD_MARGIN`` of its own start
+re-derives that day too instead of adding to it: exact either way.
+
+``rollup_state.complete`` says the rollup covers every call. Migration 0003 sets it when the
+ledger is empty; otherwise the first full ``rebuild`` does, and until then reads go raw.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc
+from sqlalchemy.engine import Connection, Engine
+
+from collector.models import row_from_record
+from collector.record import UsageRecord, utcnow
+from collector.reporting_schema import (
+    ROLLUP_COUNT_COLUMNS,
+    ROLLUP_DAILY,
+    ROLLUP_KEY_COLUMNS,
+    ROLLUP_MONEY_COLUMNS,
+    ROLLUP_REBUILDS,
+    ROLLUP_STATE,
+    ROLLUP_TAG_SET_ITEMS,
+    ROLLUP_TAG_SETS,
+    UNKNOWN,
+    canonical_tags,
+    tag_set_id,
+    tags_text,
+)
+from collector.store import LedgerStore
+
+__all__ = [
+    "ROLLUP_DIMS",
+    "REBUILD_MARGIN",
+    "RollupKey",
+    "Sums",
+    "rollup_sums",
+    "MAX_PENDING",
+    "RollupHook",
+    "attach",
+    "rebuild",
+    "RebuildResult",
+    "Drift",
+    "compare",
+]
+
+log = logging.getLogger("dsmeter.rollups")
+
+# The aggregate dimensions that make a rollup row (queries.aggregate names), in key order.
+ROLLUP_DIMS: tuple[str, ...] = ("day", "model", "status", "currency", "key", "tag_set", "tariff")
+# How long after a day was re-derived a hook re-derives it again rather than adding to it:
+# it must exceed the time between a writer's commit and its hook (milliseconds) plus clock skew.
+REBUILD_MARGIN = timedelta(seconds=5)
+_LOCK_KEY = 0x64736D726F6C6C31  # "dsmroll1": PostgreSQL advisory lock taken only by rollup writers
+_MEASURES = ROLLUP_COUNT_COLUMNS + ROLLUP_MONEY_COLUMNS
+
+# (day, model, status, currency, key_fingerprint, tag_set_id, tariff_id); '' for a NULL.
+RollupKey = tuple[date, str, str, str, str, str, str]
+Sums = dict[str, Any]  # every ROLLUP_COUNT_COLUMNS (int) and ROLLUP_MONEY_COLUMNS (Decimal)
+
+
+def _zero() -> Sums:
+    sums: Sums = dict.fromkeys(ROLLUP_COUNT_COLUMNS, 0)
+    sums.update(dict.fromkeys(ROLLUP_MONEY_COLUMNS, Decimal(0)))
+    return sums
+
+
+def _add(into: Sums, other: Sums) -> None:
+    for name in _MEASURES:
+        into[name] += other[name]
+
+
+def rollup_sums(records: Iterable[UsageRecord]) -> tuple[dict[RollupKey, Sums], dict[str, dict[str, str]]]:
+    """What ``records`` add to the rollup: sums per rollup key, and the tag sets they use by id.
+
+    Pure. Each record is first fitted exactly as the ledger stores it (``row_from_record``),
+    so the sums equal what a raw query over the stored rows gives.
+    """
+    out: dict[RollupKey, Sums] = {}
+    tag_sets: dict[str, dict[str, str]] = {}
+    for record in records:
+        row = row_from_record(record)
+        tags = canonical_tags(row["tags"])
+        set_id = tag_set_id(tags)
+        tag_sets.setdefault(set_id, tags)
+        model = row["model"] if row["model"] is not None else row["requested_model"]
+        key: RollupKey = (
+            row["started_at"].astimezone(timezone.utc).date(),
+            UNKNOWN if model is None else model,
+            row["status"],
+            row["currency"] or UNKNOWN,
+            row["key_fingerprint"] or UNKNOWN,
+            set_id,
+            row["tariff_id"] or UNKNOWN,
+        )
+        sums = out.get(key)
+        if sums is None:
+            sums = out[key] = _zero()
+        sums["calls"] += 1
+        if row["cost"] is None and (row["prompt_tokens"] is not None or row["completion_tokens"] is not None):
+            sums["unpriced_calls"] += 1
+        if row["usage_estimated"]:
+            sums["estimated_calls"] += 1
+        for name in ROLLUP_COUNT_COLUMNS[3:]:
+            sums[name] += row[name] or 0
+        for name in ROLLUP_MONEY_COLUMNS:
+            if row[name] is not None:
+                sums[name] += row[name]
+    return out, tag_sets
+
+
+# -- writing the rollup -------------------------------------------------------------------------
+
+
+def _insert(dialect: str) -> Any:
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    return insert
+
+
+def _lock(connection: Connection, *, exclusive: bool) -> None:
+    """Serialise rollup writers (SQLite: the caller's BEGIN IMMEDIATE already does)."""
+    if connection.dialect.name == "postgresql":
+        function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        connection.execute(sa.text(f"SELECT {function}(:key)"), {"key": _LOCK_KEY})
+
+
+def _store_tag_sets(connection: Connection, tag_sets: dict[str, dict[str, str]]) -> None:
+    if not tag_sets:
+        return
+    insert = _insert(connection.dialect.name)
+    sets = [{"tag_set_id": set_id, "tags": tags_text(tags)} for set_id, tags in sorted(tag_sets.items())]
+    connection.execute(insert(ROLLUP_TAG_SETS).on_conflict_do_nothing(index_elements=["tag_set_id"]), sets)
+    items = [
+        {"tag_set_id": set_id, "key": key, "value": value}
+        for set_id, tags in sorted(tag_sets.items())
+        for key, value in sorted(tags.items())
+    ]
+    if items:
+        connection.execute(
+            insert(ROLLUP_TAG_SET_ITEMS).on_conflict_do_nothing(index_elements=["tag_set_id", "key"]), items
+        )
+
+
+def _row(key: RollupKey, sums: Sums) -> dict[str, Any]:
+    row: dict[str, Any] = dict(zip(ROLLUP_KEY_COLUMNS, key))
+    row.update({name: sums[name] for name in _MEASURES})
+    return row
+
+
+def _add_sums(connection: Connection, sums: dict[RollupKey, Sums]) -> None:
+    """Add ``sums`` to the rollup rows (created when absent), in key order so writers never deadlock."""
+    if not sums:
+        return
+    insert = _insert(connection.dialect.name)
+    statement = insert(ROLLUP_DAILY)
+    statement = statement.on_conflict_do_update(
+        index_elements=list(ROLLUP_KEY_COLUMNS),
+        set_={name: ROLLUP_DAILY.c[name] + statement.excluded[name] for name in _MEASURES},
+    )
+    connection.execute(statement, [_row(key, sums[key]) for key in sorted(sums)])
+
+
+def _stamp(connection: Connection, days: Iterable[date], at: datetime) -> None:
+    rows = [{"day": day, "rebuilt_at": at} for day in sorted(set(days))]
+    if not rows:
+        return
+    insert = _insert(connection.dialect.name)
+    statement = insert(ROLLUP_REBUILDS)
+    statement = statement.on_conflict_do_update(
+        index_elements=["day"], set_={"rebuilt_at": statement.excluded.rebuilt_at}
+    )
+    connection.execute(statement, rows)
+
+
+def _day_bound(day: date) -> datetime:
+    return datetime.combine(day, time.min, tzinfo=timezone.utc)
+
+
+def _rederive(connection: Connection, since: date | None, until: date | None, at: datetime) -> tuple[int, set[date]]:
+    """Replace the rollup rows of days in [since, until) with sums read from the raw ledger.
+
+    Returns (rows written, days re-derived). Runs inside the caller's locked transaction.
+    """
+    from collector.queries import Filters, aggregate_on  # pandas: only when re-deriving, not on the write path
+
+    filters = Filters(
+        since=None if since is None else _day_bound(since), until=None if until is None else _day_bound(until)
+    )
+    groups = aggregate_on(connection, filters, ROLLUP_DIMS, rollup=False)
+    day_column = ROLLUP_DAILY.c.day
+    bounds: list[sa.ColumnElement[bool]] = []
+    if since is not None:
+        bounds.append(day_column >= since)
+    if until is not None:
+        bounds.append(day_column < until)
+    in_range = sa.and_(sa.true(), *bounds)
+    old_days = set(connection.execute(sa.select(day_column).where(in_range).distinct()).scalars())
+    connection.execute(ROLLUP_DAILY.delete().where(in_range))
+    sums: dict[RollupKey, Sums] = {}
+    tag_sets: dict[str, dict[str, str]] = {}
+    for group in groups:
+        tags = json.loads(group["tag_set"])
+        set_id = tag_set_id(tags)
+        tag_sets.setdefault(set_id, tags)
+        key: RollupKey = (
+            group["day"],
+            group["model"] if group["model"] is not None else UNKNOWN,
+            group["status"],
+            group["currency"] or UNKNOWN,
+            group["key"] or UNKNOWN,
+            set_id,
+            group["tariff"] or UNKNOWN,
+        )
+        into = sums.setdefault(key, _zero())
+        _add(into, group)
+    _store_tag_sets(connection, tag_sets)
+    if sums:
+        connection.execute(ROLLUP_DAILY.insert(), [_row(key, sums[key]) for key in sorted(sums)])
+    days = old_days | {key[0] for key in sums}
+    _stamp(connection, days, at)
+    return len(sums), days
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildResult:
+    rows: int  # rollup rows written
+    days: int  # days re-derived (with calls now or before)
+    complete: bool  # the rollup now covers the whole ledger
+
+
+def _begin(engine: Engine) -> Any:
+    connection = engine.connect()
+    # SQLite: take the write lock before reading, so nothing commits between our read and our write.
+    return connection.execution_options(dsmeter_sqlite_begin="BEGIN IMMEDIATE")
+
+
+def rebuild(store: LedgerStore, since: date | None = None, until: date | None = None) -> RebuildResult:
+    """Re-derive the rollup for UTC days in [since, until) (open ends: every day) from the raw ledger.
+
+    Idempotent. Rebuilding everything (both ends open) also marks the rollup complete, so
+    reads use it from then on; it removes tag sets no row uses any more.
+    """
+    if since is not None and until is not None and until <= since:
+        raise ValueError(f"empty day range [{since}, {until})")
+    store.ensure_schema()
+    with _begin(store.engine) as connection, connection.begin():
+        _lock(connection, exclusive=True)
+        at = utcnow()
+        rows, days = _rederive(connection, since, until, at)
+        full = since is None and until is None
+        if full:
+            used = sa.select(ROLLUP_DAILY.c.tag_set_id).distinct()
+            connection.execute(ROLLUP_TAG_SET_ITEMS.delete().where(ROLLUP_TAG_SET_ITEMS.c.tag_set_id.not_in(used)))
+            connection.execute(ROLLUP_TAG_SETS.delete().where(ROLLUP_TAG_SETS.c.tag_set_id.not_in(used)))
+            connection.execute(ROLLUP_STATE.update().where(ROLLUP_STATE.c.id == 1).values(complete=True, built_at=at))
+        complete = bool(connection.execute(sa.select(ROLLUP_STATE.c.complete).where(ROLLUP_STATE.c.id == 1)).scalar())
+    return RebuildResult(rows=rows, days=len(days), complete=complete)
+
+
+MAX_PENDING = 50_000  # rollup rows kept in memory while the rollup cannot be written
+
+
+class RollupHook:
+    """``LedgerWriter.on_written`` hook that adds each committed batch's sums to the rollup.
+
+    ``store`` is the ledger's ``LedgerStore``, or a callable returning it (the writer passes
+    its own, so no second engine is opened). Never raises into the writer: if the rollup
+    cannot be written, the sums are kept and added with the next batch (``pending`` says how
+    many rollup rows wait); past ``MAX_PENDING`` they are dropped with an error telling to run
+    ``dsmeter rollup``, and the rollup is marked incomplete if the database lets us.
+    """
+
+    def __init__(self, store: LedgerStore | Callable[[], LedgerStore]) -> None:
+        self._store = store
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._pending: dict[RollupKey, Sums] = {}
+        self._pending_tags: dict[str, dict[str, str]] = {}
+
+    @property
+    def store(self) -> LedgerStore:
+        return self._store if isinstance(self._store, LedgerStore) else self._store()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def _after_fork(self) -> None:
+        # A lock copied through fork may be held by a parent thread that does not exist here,
+        # and the parent's pending sums are the parent's to write.
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._lock = threading.Lock()
+            self._pending, self._pending_tags = {}, {}
+
+    def __call__(self, records: Sequence[UsageRecord]) -> None:
+        self._after_fork()
+        started = utcnow()
+        sums, tag_sets = rollup_sums(records)
+        with self._lock:
+            for key, value in sums.items():
+                into = self._pending.setdefault(key, _zero())
+                _add(into, value)
+            self._pending_tags.update(tag_sets)
+            self._try(started)
+
+    def flush(self) -> bool:
+        """Try again to write sums that are waiting; True when none wait."""
+        self._after_fork()
+        with self._lock:
+            if self._pending:
+                self._try(utcnow())
+            return not self._pending
+
+    def _try(self, started: datetime) -> None:
+        try:
+            self._apply(started)
+        except Exception as error:  # noqa: BLE001 - never take the writer down; keep the sums
+            first = (str(error).splitlines() or [type(error).__name__])[0]
+            if len(self._pending) > MAX_PENDING:
+                log.error("the rollup could not be written for too long; dropping %d waiting rows. "
+                          "Run `dsmeter rollup` to re-derive it (%s)", len(self._pending), first)
+                self._pending, self._pending_tags = {}, {}
+                self._mark_incomplete()
+            else:
+                log.warning("rollup update deferred (%d rows wait): %s", len(self._pending), first)
+            return
+        self._pending, self._pending_tags = {}, {}
+
+    def _mark_incomplete(self) -> None:
+        try:
+            with self.store.engine.begin() as connection:
+                connection.execute(ROLLUP_STATE.update().where(ROLLUP_STATE.c.id == 1).values(complete=False))
+        except Exception:  # noqa: BLE001 - reads then go raw only if this worked; the log says what to do
+            log.exception("could not mark the rollup incomplete")
+
+    def _apply(self, started: datetime) -> None:
+        store = self.store
+        store.ensure_schema()
+        days = {key[0] for key in self._pending}
+        exclusive = False
+        while True:
+            with _begin(store.engine) as connection, connection.begin():
+                _lock(connection, exclusive=exclusive)
+                recent = set(
+                    connection.execute(
+                        sa.select(ROLLUP_REBUILDS.c.day).where(
+                            ROLLUP_REBUILDS.c.day.in_(sorted(days)),
+                            ROLLUP_REBUILDS.c.rebuilt_at >= started - REBUILD_MARGIN,
+                        )
+                    ).scalars()
+                )
+                if recent and not exclusive and connection.dialect.name == "postgresql":
+                    exclusive = True  # re-deriving needs every other rollup writer out of the way
+                    continue
+                at = utcnow()
+                for day in sorted(recent):
+                    _rederive(connection, day, day + timedelta(days=1), at)
+                _store_tag_sets(connection, self._pending_tags)
+                _add_sums(connection, {key: value for key, value in self._pending.items() if key[0] not in recent})
+            return
+
+
+def attach(writer: Any, url: str | None = None) -> RollupHook:
+    """Keep the rollup of the writer's ledger current with every batch ``writer`` commits.
+
+    ``LedgerWriter`` attaches one by itself; this returns that one (never a second, which would
+    count every call twice), or attaches a new hook for ``url`` (resolved like ``--db``).
+    """
+    for hook in writer.on_written:
+        if isinstance(hook, RollupHook):
+            return hook
+    created = RollupHook(LedgerStore(url))
+    writer.on_written.append(created)
+    return created
+
+
+# -- checking ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    """One rollup group that differs from the raw ledger: the key and both sums."""
+
+    key: tuple[Any, ...]
+    rollup: Sums | None
+    ledger: Sums | None
+
+
+def compare(store: LedgerStore, since: date | None = None, until: date | None = None) -> list[Drift]:
+    """Every group (``ROLLUP_DIMS``) of days in [since, until) where the rollup and the raw ledger differ.
+
+    Empty means they agree exactly, counts and money. Reads both in one transaction.
+    """
+    from collector.queries import Filters, aggregate_on
+
+    filters = Filters(
+        since=None if since is None else _day_bound(since), until=None if until is None else _day_bound(until)
+    )
+    with store.engine.connect() as connection, connection.begin():
+        if connection.dialect.name == "postgresql":
+            connection.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+        raw = aggregate_on(connection, filters, ROLLUP_DIMS, rollup=False)
+        rolled = aggregate_on(connection, filters, ROLLUP_DIMS, rollup=True)
+
+    def keyed(groups: list[dict[str, Any]]) -> dict[tuple[Any, ...], Sums]:
+        return {tuple(g[d] for d in ROLLUP_DIMS): {m: g[m] for m in _MEASURES} for g in groups if g["calls"]}
+
+    a, b = keyed(rolled), keyed(raw)
+    drifts = [Drift(key, a.get(key), b.get(key)) for key in sorted(set(a) | set(b), key=repr) if a.get(key) != b.get(key)]
+    return drifts

@@ -1,0 +1,318 @@
+#!/usr/bin/env python3
+"""Benchmark: what the metering proxy adds to a streamed call, against the simulator on loopback.
+
+Starts the bundled simulator and ``dsmeter proxy`` as separate processes, then streams
+chat completions at 1, 10 and 100 concurrent streams, alternately straight to the
+simulator and through the proxy, in the same run. For each it reports:
+
+- time to first byte and to last byte (p50, p99), and what the proxy adds to each;
+- streams per second (closed loop: each of N clients starts its next stream when one ends);
+- the proxy's CPU time per forwarded chunk (all its processes, from /proc), and so how
+  many cores it needs for 100 concurrent streams at a given token rate;
+- a paced run: 100 concurrent streams at a realistic token rate, and the cores the proxy
+  actually used for them.
+
+The load generator (aiohttp client), the simulator and the proxy share this machine's
+cores, so absolute figures depend on the machine; the direct runs are the baseline.
+
+    python tests/benchmarks/bench_proxy.py                 # the full run (about a minute)
+    python tests/benchmarks/bench_proxy.py --quick         # a smoke run
+    python tests/benchmarks/bench_proxy.py --workers 2 --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parent.parent.parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+
+class Child:
+    """A child process that prints ``http://host:port`` on its first line of stdout when ready."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        self.url = ""
+        self._stderr: list[str] = []
+        threading.Thread(target=self._pump_stderr, daemon=True).start()
+
+    def _pump_stderr(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self._stderr.append(line)
+
+    def wait_url(self, timeout: float = 60.0) -> str:
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                break
+            match = re.search(r"(http://[0-9.:\[\]]+)", line)
+            if match:
+                self.url = match.group(1)
+                threading.Thread(target=self.process.stdout.read, daemon=True).start()  # keep the pipe drained
+                return self.url
+        raise SystemExit(f"{self.process.args!r} did not start:\n{''.join(self._stderr)}")
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this process and all its descendants still running (the proxy's workers)."""
+        return sum(_proc_cpu(pid) for pid in _descendants(self.process.pid))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _proc_cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+# -- load ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    ttfb: float  # seconds from sending the request to the first byte of the body
+    ttlb: float  # ... to the last byte
+    chunks: int
+
+
+@dataclass
+class Run:
+    target: str  # "direct" | "proxy"
+    concurrency: int
+    streams: int
+    wall_seconds: float
+    samples: list[Sample] = field(repr=False)
+    proxy_cpu_seconds: float | None = None
+
+    @property
+    def chunks(self) -> int:
+        return sum(s.chunks for s in self.samples)
+
+    def pct(self, attr: str, q: float) -> float:
+        values = sorted(getattr(s, attr) for s in self.samples)
+        index = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+        return values[index]
+
+    @property
+    def streams_per_second(self) -> float:
+        return self.streams / self.wall_seconds
+
+
+async def _one_stream(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]) -> Sample:
+    started = time.perf_counter()
+    first = None
+    chunks = 0
+    async with session.post(url, data=body, headers=headers) as response:
+        if response.status != 200:
+            raise SystemExit(f"{url}: HTTP {response.status}: {await response.text()}")
+        async for data in response.content.iter_any():
+            if first is None:
+                first = time.perf_counter()
+            chunks += data.count(b"data: ")
+    ended = time.perf_counter()
+    return Sample(ttfb=(first or ended) - started, ttlb=ended - started, chunks=chunks)
+
+
+async def _closed_loop(
+    base_url: str, concurrency: int, streams: int, body: bytes, headers: dict[str, str]
+) -> tuple[float, list[Sample]]:
+    url = base_url + "/chat/completions"
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        # Warm the connection pool so connects are not measured as streaming.
+        await asyncio.gather(*[_one_stream(session, url, body, headers) for _ in range(concurrency)])
+        remaining = streams
+        samples: list[Sample] = []
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                samples.append(await _one_stream(session, url, body, headers))
+
+        started = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        return time.perf_counter() - started, samples
+
+
+def measure(target: str, base_url: str, concurrency: int, streams: int, body: bytes, headers: dict[str, str],
+            proxy: Child | None) -> Run:
+    cpu_before = proxy.cpu_seconds() if proxy else 0.0
+    wall, samples = asyncio.run(_closed_loop(base_url, concurrency, streams, body, headers))
+    cpu = proxy.cpu_seconds() - cpu_before if proxy else None
+    return Run(target, concurrency, streams, wall, samples, cpu)
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:8.2f}"
+
+
+def report(pairs: list[tuple[Run, Run]], paced: tuple[Run, Run] | None, rate: float) -> dict[str, Any]:
+    print()
+    print("conc  target   streams/s   TTFB p50  TTFB p99   TTLB p50  TTLB p99   (ms)")
+    results: list[dict[str, Any]] = []
+    for direct, proxied in pairs:
+        for run in (direct, proxied):
+            print(f"{run.concurrency:4d}  {run.target:7s} {run.streams_per_second:10.1f}  "
+                  f"{_ms(run.pct('ttfb', 50))} {_ms(run.pct('ttfb', 99))}  {_ms(run.pct('ttlb', 50))} {_ms(run.pct('ttlb', 99))}")
+        added = {f"{attr}_p{q}_ms": (proxied.pct(attr, q) - direct.pct(attr, q)) * 1000 for attr in ("ttfb", "ttlb") for q in (50, 99)}
+        cpu_per_chunk = (proxied.proxy_cpu_seconds or 0.0) / max(1, proxied.chunks)
+        ratio = proxied.streams_per_second / direct.streams_per_second
+        print(f"      added    ratio {ratio:5.2f}   {added['ttfb_p50_ms']:+8.2f} {added['ttfb_p99_ms']:+8.2f}  "
+              f"{added['ttlb_p50_ms']:+8.2f} {added['ttlb_p99_ms']:+8.2f}   proxy CPU {cpu_per_chunk * 1e6:.1f} us/chunk")
+        results.append({
+            "concurrency": direct.concurrency,
+            "direct": _summary(direct),
+            "proxy": _summary(proxied),
+            "added_ms": added,
+            "throughput_ratio": ratio,
+            "proxy_cpu_us_per_chunk": cpu_per_chunk * 1e6,
+        })
+    out: dict[str, Any] = {"runs": results}
+    worst = max(r["proxy_cpu_us_per_chunk"] for r in results)
+    needed = worst * 1e-6 * 100 * rate
+    print(f"\nproxy CPU per chunk (worst level): {worst:.1f} us -> 100 streams at {rate:g} chunks/s need {needed:.2f} cores")
+    out["cores_for_100_streams_at_rate"] = {"chunks_per_second_per_stream": rate, "cores": needed}
+    if paced is not None:
+        direct, proxied = paced
+        cores = (proxied.proxy_cpu_seconds or 0.0) / proxied.wall_seconds
+        print(f"paced: 100 concurrent streams at ~{rate:g} chunks/s each: proxy used {cores:.2f} cores; "
+              f"added TTFB p50 {(proxied.pct('ttfb', 50) - direct.pct('ttfb', 50)) * 1000:+.2f} ms, "
+              f"TTLB p50 {(proxied.pct('ttlb', 50) - direct.pct('ttlb', 50)) * 1000:+.2f} ms")
+        out["paced"] = {"direct": _summary(direct), "proxy": _summary(proxied), "proxy_cores_used": cores}
+    return out
+
+
+def _summary(run: Run) -> dict[str, Any]:
+    return {
+        "streams": run.streams,
+        "chunks": run.chunks,
+        "streams_per_second": run.streams_per_second,
+        "ttfb_ms": {"p50": run.pct("ttfb", 50) * 1000, "p99": run.pct("ttfb", 99) * 1000},
+        "ttlb_ms": {"p50": run.pct("ttlb", 50) * 1000, "p99": run.pct("ttlb", 99) * 1000},
+        "proxy_cpu_seconds": run.proxy_cpu_seconds,
+        "mean_ttlb_ms": statistics.fmean(s.ttlb for s in run.samples) * 1000,
+    }
+
+
+# The simulator in its own process, announcing its address on stdout.
+_SIMULATOR = (
+    "from collector.simulator import Simulator\n"
+    "Simulator(seed=0, port=0).run_forever(on_ready=lambda url: print(url, flush=True))\n"
+)
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", default="1,10,100", help="comma-separated concurrent stream counts (default 1,10,100)")
+    parser.add_argument("--streams", type=int, default=0, help="streams per level and target (default: 300, at least 3x the concurrency)")
+    parser.add_argument("--output-tokens", type=int, default=100, help="answer tokens per stream, one per chunk (default 100)")
+    parser.add_argument("--workers", type=int, default=1, help="proxy worker processes (default 1)")
+    parser.add_argument("--db", default=None, help="ledger URL for the proxy (default: a temporary SQLite file)")
+    parser.add_argument("--paced-rate", type=float, default=50.0,
+                        help="chunks per second per stream for the paced run and the capacity figure (default 50)")
+    parser.add_argument("--no-paced", action="store_true", help="skip the paced 100-stream run")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (1,10 concurrent, few streams)")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    args = parser.parse_args(argv)
+
+    levels = [1, 10] if args.quick else [int(x) for x in args.concurrency.split(",")]
+    with tempfile.TemporaryDirectory(prefix="dsmeter-bench-") as home:
+        env = {**os.environ, "DSMETER_HOME": home, "PYTHONUNBUFFERED": "1"}
+        env.pop("DSMETER_DATABASE_URL", None)
+        db = args.db or f"sqlite:///{home}/bench.db"
+        simulator = Child([sys.executable, "-c", _SIMULATOR], env)
+        proxy: Child | None = None
+        try:
+            sim_url = simulator.wait_url()
+            proxy = Child([sys.executable, "-m", "collector.cli", "proxy", "--port", "0", "--upstream", sim_url,
+                           "--workers", str(args.workers), "--db", db], env)
+            proxy_url = proxy.wait_url()
+            print(f"simulator {sim_url}  proxy {proxy_url} ({args.workers} worker(s), ledger {db.split('@')[-1]})")
+            body = json.dumps({"model": "deepseek-v4-flash", "stream": True,
+                               "messages": [{"role": "system", "content": "You are terse. " * 40},
+                                            {"role": "user", "content": "Say something about caching."}]}).encode()
+            headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench-not-a-real-key",
+                       "X-Simulator-Output-Tokens": str(args.output_tokens)}
+            pairs: list[tuple[Run, Run]] = []
+            for level in levels:
+                streams = args.streams or (30 if args.quick else max(300, 3 * level))
+                direct = measure("direct", sim_url, level, streams, body, headers, None)
+                proxied = measure("proxy", proxy_url, level, streams, body, headers, proxy)
+                pairs.append((direct, proxied))
+                print(f"  {level:3d} concurrent: done ({streams} streams each way)")
+            paced = None
+            if not args.no_paced and not args.quick:
+                paced_headers = {**headers, "X-Simulator-Chunk-Delay-Ms": f"{1000.0 / args.paced_rate:g}"}
+                paced_streams = 200
+                paced = (measure("direct", sim_url, 100, paced_streams, body, paced_headers, None),
+                         measure("proxy", proxy_url, 100, paced_streams, body, paced_headers, proxy))
+            figures = report(pairs, paced, args.paced_rate)
+            figures["settings"] = {"workers": args.workers, "output_tokens": args.output_tokens, "cpus": os.cpu_count(),
+                                   "python": sys.version.split()[0]}
+            if args.json:
+                Path(args.json).write_text(json.dumps(figures, indent=2))
+        finally:
+            if proxy is not None:
+                proxy.stop()
+            simulator.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,445 @@
+"""Every dashboard page, rendered by ``streamlit.testing.v1.AppTest`` against a ledger seeded through the real writer.
+
+Each page must render without an exception, and the figures it shows must be the query
+layer's figures for the same filters (and, for the headline totals, the sums of the seeded
+rows computed here independently). Runs on SQLite and, when configured, PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from collector import queries
+from collector.record import UsageRecord
+from dashboard import data
+from dashboard import format as fmt
+from dashboard.engine import open_read_only
+from dashboard.selection import Selection
+from dashboard_seed import seed_through_writer, synthetic_records
+
+APP = str(Path(data.__file__).resolve().parent / "app.py")
+NOW = datetime(2026, 11, 20, 15, 30, tzinfo=timezone.utc)
+TODAY = NOW.date()
+PAGES = ("app_pages/overview.py", "app_pages/chargeback.py", "app_pages/calls.py", "app_pages/whatif.py", "app_pages/prices.py")
+
+
+@dataclass
+class Ledger:
+    url: str
+    records: list[UsageRecord]
+
+
+def _default_selection() -> Selection:
+    return Selection(start=TODAY - timedelta(days=29), end=TODAY)
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test reads its own ledger with cold caches and a pinned "now"."""
+    monkeypatch.setenv(data.ENV_NOW, NOW.isoformat())
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield
+    st.cache_data.clear()
+    st.cache_resource.clear()  # disposes the engines (on_release), so PostgreSQL databases can be dropped
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def seeded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ledger]:
+    """One ledger per database for the whole module: the dashboard only reads it (a test checks that).
+
+    45 days of calls up to "now": some fall before the default 30-day range, some in the previous month.
+    """
+    from conftest import _fresh_postgres_database, _postgres_admin_url
+
+    records = list(synthetic_records(600, seed=11, start=NOW - timedelta(days=45), end=NOW))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DSMETER_HOME", str(tmp_path_factory.mktemp("dsmeter-home")))  # the writer's spool
+        if request.param == "sqlite":
+            url = f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'ledger.db'}"
+            seed_through_writer(url, records)
+            yield Ledger(url, records)
+            return
+        admin = _postgres_admin_url()
+        if admin is None:
+            pytest.skip("DSMETER_TEST_POSTGRES_URL not set")
+        for url in _fresh_postgres_database(admin):
+            seed_through_writer(url, records)
+            yield Ledger(url, records)
+
+
+@pytest.fixture
+def ledger(seeded: Ledger, monkeypatch: pytest.MonkeyPatch) -> Ledger:
+    monkeypatch.setenv("DSMETER_DATABASE_URL", seeded.url)
+    return seeded
+
+
+def _set_sidebar(at: AppTest, **sidebar: object) -> AppTest:
+    """Set sidebar filter widgets by key, one at a time, as a person would (a tag's values appear after its key)."""
+    for key, value in sidebar.items():
+        widget = next((w for w in at.sidebar.children.values() if getattr(w, "key", None) == key), None)
+        assert widget is not None, f"no sidebar widget {key!r}"
+        widget.set_value(value)  # type: ignore[attr-defined]
+        at.run()
+        assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def _app(**sidebar: object) -> AppTest:
+    """The app's first page (the overview), with sidebar filters set by widget key."""
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    return _set_sidebar(at, **sidebar)
+
+
+def _page(page: str, **sidebar: object) -> AppTest:
+    at = _app(**sidebar)
+    at.switch_page(page).run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def _metric(at: AppTest, label: str) -> str:
+    for metric in at.metric:
+        if metric.label == label or metric.label.startswith(label):
+            return str(metric.value)
+    raise AssertionError(f"no metric {label!r}; have {[m.label for m in at.metric]}")
+
+
+def _in_range(records: list[UsageRecord], start: date, end: date) -> list[UsageRecord]:
+    return [r for r in records if start <= r.started_at.date() <= end]
+
+
+def _cost(records: list[UsageRecord]) -> Decimal:
+    return sum((r.cost for r in records if r.cost is not None), Decimal(0))
+
+
+# -- Overview -------------------------------------------------------------------------------------
+
+
+def test_overview_headline_figures_are_the_ledger_sums_for_the_default_range(ledger: Ledger) -> None:
+    at = _app()  # the overview is the default page
+    selection = _default_selection()
+    shown = _in_range(ledger.records, selection.start, selection.end)
+    assert _metric(at, "Spend, ") == fmt.money(_cost(shown), "USD")
+    assert _metric(at, "Spend today") == fmt.money(_cost(_in_range(ledger.records, TODAY, TODAY)), "USD")
+    month = _in_range(ledger.records, TODAY.replace(day=1), TODAY)
+    assert _metric(at, "This month") == fmt.money(_cost(month), "USD")
+    assert _metric(at, "Calls") == fmt.count(len(shown))
+    assert _metric(at, "Errors") == fmt.count(sum(1 for r in shown if r.status == "error"))
+    assert _metric(at, "Cancelled") == fmt.count(sum(1 for r in shown if r.status == "cancelled"))
+    hit = sum(r.prompt_cache_hit_tokens or 0 for r in shown)
+    miss = sum(r.prompt_cache_miss_tokens or 0 for r in shown)
+    assert _metric(at, "Cache-hit ratio") == fmt.percent(hit / (hit + miss))
+    output = sum(r.completion_tokens or 0 for r in shown)
+    assert any(f"{fmt.tokens(hit)} cache hit · {fmt.tokens(miss)} cache miss · {fmt.tokens(output)} output" in c.value
+               for c in at.caption)
+
+
+def test_overview_forecast_is_the_query_layers_as_of_the_start_of_today(ledger: Ledger) -> None:
+    at = _app()
+    start_of_today = datetime(TODAY.year, TODAY.month, TODAY.day, tzinfo=timezone.utc)
+    forecast = queries.month_forecast(open_read_only(ledger.url), queries.Filters(), start_of_today)["USD"]
+    assert _metric(at, "Month-end forecast") == fmt.money(forecast.forecast, "USD")
+    before_today = _in_range(ledger.records, TODAY.replace(day=1), TODAY - timedelta(days=1))
+    assert forecast.month_to_date == _cost(before_today)  # complete days only; today is projected
+
+
+def test_overview_figures_follow_the_sidebar_filters_exactly_as_the_query_layer_does(ledger: Ledger) -> None:
+    at = _app(filter_models=["deepseek-v4-pro"], filter_tag_key="team", filter_tag_values=["support", "analytics"])
+    selection = Selection(start=TODAY - timedelta(days=29), end=TODAY, models=("deepseek-v4-pro",),
+                          tag_key="team", tag_values=("support", "analytics"))
+    totals = queries.totals(open_read_only(ledger.url), data.to_filters(selection))
+    assert _metric(at, "Spend, ") == fmt.money(totals.cost["USD"].total, "USD")
+    assert _metric(at, "Calls") == fmt.count(totals.calls)
+    assert _metric(at, "Errors") == fmt.count(totals.errors)
+    assert _metric(at, "Saved by the cache") == fmt.money(totals.cache_saved["USD"], "USD")
+    independent = [r for r in _in_range(ledger.records, selection.start, selection.end)
+                   if r.model == "deepseek-v4-pro" and r.tags["team"] in ("support", "analytics")]
+    assert _metric(at, "Calls") == fmt.count(len(independent))
+    assert _metric(at, "Spend, ") == fmt.money(_cost(independent), "USD")
+
+
+def test_overview_draws_its_charts_with_altair(ledger: Ledger) -> None:
+    import json
+
+    at = _app()
+    specs = [json.loads(chart.proto.spec) for chart in at.main.get("vega_lite_chart")]
+    titles = {spec["title"] for spec in specs}
+    assert {"Spend per day by model (USD)", "Spend per day by token bucket (USD)", "Cache-hit ratio per day",
+            "Calls per day by outcome"} <= titles
+
+
+# -- Chargeback -----------------------------------------------------------------------------------
+
+
+def test_chargeback_by_team_matches_the_ledger_with_shares_and_a_csv(ledger: Ledger) -> None:
+    at = _page("app_pages/chargeback.py")
+    at.radio(key="chargeback_by").set_value("tag:team").run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    selection = _default_selection()
+    shown = [r for r in _in_range(ledger.records, selection.start, selection.end) if r.cost is not None]
+    total = _cost(shown)
+    for team in {r.tags["team"] for r in shown}:
+        spend = _cost([r for r in shown if r.tags["team"] == team])
+        row = table[table["group"] == team].iloc[0]
+        assert row["spend"] == fmt.money(spend, "USD")
+        assert row["share"] == fmt.percent(spend / total)
+    csv_bytes = data.chargeback_csv(data.chargeback(selection, "tag:team"))
+    frame = pd.read_csv(io.BytesIO(csv_bytes), dtype=str)
+    assert sum(Decimal(v) for v in frame["spend"]) == total  # exact, not rounded, in the download
+
+
+def test_chargeback_by_key_fingerprint_equals_the_query_layer(ledger: Ledger) -> None:
+    at = _page("app_pages/chargeback.py")
+    at.radio(key="chargeback_by").set_value(data.KEY_FINGERPRINT).run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    expected = data.chargeback(_default_selection(), data.KEY_FINGERPRINT).rows
+    assert list(table["group"]) == list(expected["group"])
+    assert list(table["spend"]) == [fmt.money(v, "USD") for v in expected["spend"]]
+
+
+# -- Calls ----------------------------------------------------------------------------------------
+
+
+def test_calls_page_lists_the_newest_matching_calls_and_counts_them(ledger: Ledger) -> None:
+    at = _page("app_pages/calls.py")
+    selection = _default_selection()
+    shown = _in_range(ledger.records, selection.start, selection.end)
+    listing = at.dataframe[0].value
+    newest = sorted(shown, key=lambda r: (r.started_at, str(r.request_id)), reverse=True)
+    assert len(listing) == min(100, len(shown))
+    assert listing["Request id"].iloc[0] == str(newest[0].request_id)
+    assert any(f"of {fmt.count(len(shown))} matching" in c.value for c in at.caption)
+
+
+def test_calls_page_sorts_on_the_server_by_cost(ledger: Ledger) -> None:
+    at = _page("app_pages/calls.py")
+    at.selectbox(key="calls_sort").set_value("cost").run()
+    assert not at.exception
+    listing = at.dataframe[0].value
+    selection = _default_selection()
+    priced = [r for r in _in_range(ledger.records, selection.start, selection.end) if r.cost is not None]
+    dearest = max(priced, key=lambda r: r.cost or Decimal(0))
+    assert listing["Request id"].iloc[0] == str(dearest.request_id)
+
+
+def test_calls_page_latency_percentiles_are_the_query_layers(ledger: Ledger) -> None:
+    at = _page("app_pages/calls.py")
+    shown = at.dataframe[1].value  # after the listing
+    expected = data.latency_table(
+        queries.latency_percentiles(open_read_only(ledger.url), data.to_filters(_default_selection()))
+    )
+    pd.testing.assert_frame_equal(shown.reset_index(drop=True), expected.reset_index(drop=True))
+
+
+# -- Empty and unreachable ledgers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", PAGES[:3])
+def test_an_empty_ledger_explains_how_to_start_metering(page: str, sqlite_url: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSMETER_DATABASE_URL", sqlite_url)  # no file yet: nothing recorded
+    at = _page(page)
+    text = " ".join(m.value for m in at.markdown) + " ".join(i.value for i in at.info)
+    assert "Nothing has been metered" in text and "dsmeter demo" in text
+    assert not at.error
+
+
+def test_an_unreachable_database_is_one_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("DSMETER_DATABASE_URL", f"postgresql+psycopg://u:hunter2@127.0.0.1:{port}/x")
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception
+    assert len(at.error) == 1
+    message = at.error[0].value
+    assert "cannot read the ledger database" in message and "hunter2" not in message
+    assert "\n" not in message
+
+
+# -- What-if --------------------------------------------------------------------------------------
+
+
+def _whatif_totals(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric if m.label.startswith("deepseek")}
+
+
+def test_whatif_shows_the_guides_worked_example_at_list_prices_of_2026_04_25(sqlite_url: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSMETER_DATABASE_URL", sqlite_url)  # the planner needs no recorded calls
+    at = _page("app_pages/whatif.py")
+    at.date_input(key="whatif_day").set_value(date(2026, 4, 25))
+    at.checkbox(key="whatif_list_prices").check()
+    at.run()
+    assert not at.exception
+    assert _whatif_totals(at) == {"deepseek-v4-flash": "$168.00", "deepseek-v4-pro": "$1,682.00"}
+    text = " ".join(str(df.value.to_dict()) for df in at.dataframe)
+    for part in ("$56.00", "$28.00", "$84.00", "$290.00", "$348.00", "$1,044.00"):
+        assert part in text
+
+
+def test_whatif_guide_button_loads_the_guides_date_and_list_prices(sqlite_url: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSMETER_DATABASE_URL", sqlite_url)
+    at = _page("app_pages/whatif.py")
+    at.button(key="whatif_guide").click().run()
+    assert _whatif_totals(at) == {"deepseek-v4-flash": "$168.00", "deepseek-v4-pro": "$1,682.00"}
+
+
+def test_whatif_without_list_prices_shows_what_the_pro_promotion_billed(sqlite_url: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from collector.projection import Workload, estimate
+
+    monkeypatch.setenv("DSMETER_DATABASE_URL", sqlite_url)
+    at = _page("app_pages/whatif.py")
+    at.date_input(key="whatif_day").set_value(date(2026, 4, 25)).run()
+    expected = estimate(Workload(calls=1_000_000, cached_prompt_tokens=2000, uncached_prompt_tokens=200,
+                                 output_tokens=300), data.price_book(), ["deepseek-v4-flash", "deepseek-v4-pro"],
+                        datetime(2026, 4, 25, 12, tzinfo=timezone.utc))
+    assert _whatif_totals(at) == {e.model: fmt.money(e.total, "USD") for e in expected}
+    assert _whatif_totals(at)["deepseek-v4-pro"] != "$1,682.00"  # the 75% launch promotion applied
+    assert any("Promotion applied" in c.value and "$1,682.00" in c.value for c in at.caption)
+
+
+def test_whatif_replay_figures_are_the_projections_for_the_recorded_calls(ledger: Ledger) -> None:
+    from collector.projection import compare_by_day, reprice_traffic
+
+    at = _page("app_pages/whatif.py")
+    at.selectbox(key="replay_model").set_value("deepseek-v4-pro")
+    at.number_input(key="replay_days").set_value(10)
+    at.slider(key="replay_shift").set_value(50)
+    at.button[-1].click().run()  # the form's submit button
+    assert not at.exception
+    window = Selection(start=TODAY - timedelta(days=9), end=TODAY)
+    frame = queries.traffic_frame(open_read_only(ledger.url), data.to_filters(window))
+    summary = compare_by_day(reprice_traffic(frame, data.price_book(), as_model="deepseek-v4-pro",
+                                             shift_off_peak=Decimal("0.5")), "USD")
+    assert summary.calls == len(_in_range(ledger.records, window.start, window.end))
+    assert _metric(at, "Actual, ") == fmt.money(summary.actual_cost, "USD")
+    assert _metric(at, "Projected") == fmt.money(summary.projected_cost, "USD")
+    assert summary.projected_cost != summary.actual_cost
+
+
+# -- Prices ---------------------------------------------------------------------------------------
+
+
+def test_prices_shows_the_tariffs_in_force_at_a_date_with_their_sources(sqlite_url: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSMETER_DATABASE_URL", sqlite_url)
+    at = _page("app_pages/prices.py")
+    at.date_input(key="prices_day").set_value(date(2026, 4, 25)).run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    book = data.price_book()
+    moment = datetime(2026, 4, 25, NOW.hour, NOW.minute, tzinfo=timezone.utc)
+    for model in ("deepseek-v4-flash", "deepseek-v4-pro"):
+        tariff = book.resolve(model, moment).tariff
+        rates = tariff.rates("standard", "USD")
+        row = table[(table["model"] == model) & (table["currency"] == "USD")].iloc[0]
+        assert (row["hit"], row["miss"], row["output"]) == (fmt.rate(rates.hit, "USD"), fmt.rate(rates.miss, "USD"),
+                                                            fmt.rate(rates.output, "USD"))
+        assert row["source"] == tariff.source and row["tariff"] == tariff.id
+    pro = table[(table["model"] == "deepseek-v4-pro") & (table["currency"] == "USD")].iloc[0]
+    assert pro["list_prices"] == "$0.145 / $1.74 / $3.48" and "75%" in pro["promotion"]
+
+
+def test_prices_history_lists_every_entry_of_a_model_oldest_first(sqlite_url: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSMETER_DATABASE_URL", sqlite_url)
+    at = _page("app_pages/prices.py")
+    at.multiselect(key="prices_models").set_value(["deepseek-chat"]).run()
+    history = at.dataframe[-1].value
+    entries = data.price_book().tariffs_of("deepseek-chat")
+    assert list(history["tariff"]) == [t.id for t in entries]
+    assert list(history["start"]) == sorted(history["start"])
+
+
+# -- Read-only --------------------------------------------------------------------------------------
+
+
+def _ledger_state(url: str) -> tuple[object, ...]:
+    """Every row of every table (and, for SQLite, the file's bytes): anything written changes it."""
+    import hashlib
+
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            tables = sorted(sa.inspect(connection).get_table_names())
+            contents = []
+            for table in tables:
+                rows = connection.execute(sa.text(f'SELECT * FROM "{table}"')).all()
+                contents.append((table, len(rows), hashlib.sha256(repr(sorted(map(repr, rows))).encode()).hexdigest()))
+    finally:
+        engine.dispose()
+    file_digest = None
+    if url.startswith("sqlite"):
+        path = Path(url.removeprefix("sqlite:///"))
+        file_digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        wal = Path(f"{path}-wal")
+        contents.append(("-wal bytes", wal.stat().st_size if wal.exists() else 0, ""))
+    return tuple(contents), file_digest
+
+
+def test_rendering_every_page_and_using_it_never_writes_to_the_ledger(ledger: Ledger) -> None:
+    before = _ledger_state(ledger.url)
+    at = _app(filter_statuses=["completed", "error"])
+    for page in PAGES:
+        at.switch_page(page).run()
+        assert not at.exception, (page, [e.message for e in at.exception])
+    at.switch_page("app_pages/calls.py").run()
+    at.selectbox(key="calls_sort").set_value("duration_ms").run()
+    at.switch_page("app_pages/chargeback.py").run()
+    at.radio(key="chargeback_by").set_value(data.KEY_FINGERPRINT).run()
+    at.switch_page("app_pages/whatif.py").run()
+    at.button[-1].click().run()
+    assert not at.exception
+    assert _ledger_state(ledger.url) == before
+    assert ("calls", 600) in [(name, count) for name, count, _ in before[0]]  # the check saw the seeded rows
+
+
+def test_a_database_lost_while_the_dashboard_runs_is_one_message_and_is_probed_again(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    from conftest import _postgres_admin_url
+
+    seed_through_writer(postgres_url, list(synthetic_records(50, seed=5, start=NOW - timedelta(days=3), end=NOW)))
+    monkeypatch.setenv("DSMETER_DATABASE_URL", postgres_url)
+    at = _app()
+    assert _metric(at, "Calls") == "50"
+    admin_url = _postgres_admin_url()
+    assert admin_url is not None
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:  # the database goes away under the running dashboard
+        connection.execute(sa.text(f'DROP DATABASE "{make_url(postgres_url).database}" WITH (FORCE)'))
+    admin.dispose()
+    # The probe's "ready" is still cached; a new question goes to the database and fails.
+    at.session_state["filter_models"] = ["deepseek-v4-pro"]
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert len(at.error) == 1 and at.error[0].value.startswith("lost the ledger database")
+    assert "\n" not in at.error[0].value
+    at.run()  # the next run does not trust the cached probe: it asks again and says why it cannot read
+    assert not at.exception
+    assert len(at.error) == 1 and at.error[0].value.startswith("cannot read the ledger database")

@@ -1,0 +1,405 @@
+"""The metering fast path reads ordinary chunks without ``json.loads``; it must never change a result.
+
+Three layers skip work for the usual chunk (see ``collector.chunk_template``):
+
+* ``StreamAccumulator.add_templated``: a payload shaped like a chunk already parsed, but for
+  its one token string, is folded from that string;
+* ``StreamAccumulator.add_templated_event`` + ``SSEDecoder.skip_event``: a read that is exactly
+  one such event is folded from its bytes, without the decoder;
+* ``SSEDecoder._data_events``: one-line ``data:`` events are cut with one ``find`` each.
+
+Every test here compares the fast result with the plain one: an accumulator that parses
+every chunk (``learn=False``), the same bytes read in other splits, or ``json.loads``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from collector.accumulator import StreamAccumulator
+from collector.chunk_template import ChunkTemplate, json_string, learn_template
+from collector.metering import CallMeter, prepare_request
+from collector.record import UsageRecord
+from collector.sse import SSEDecoder
+from fixture_streams import FixtureStream, load_streams
+
+CHAT_STREAMS = [s for s in load_streams() if s.is_chat]
+T0 = 100.0
+STARTED = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+STEP = 0.125
+REQUEST = json.dumps({"model": "deepseek-v4-flash", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+
+
+def snapshot(acc: StreamAccumulator) -> dict[str, Any]:
+    """Everything an accumulator exposes."""
+    return {
+        "id": acc.id,
+        "model": acc.model,
+        "role": acc.role,
+        "finish_reason": acc.finish_reason,
+        "usage": acc.usage,
+        "chunk_count": acc.chunk_count,
+        "malformed": (acc.malformed_chunks, acc.last_malformed),
+        "error": acc.error,
+        "done": acc.done,
+        "times": (acc.first_token_at, acc.first_content_at, acc.last_at),
+        "content": acc.content,
+        "reasoning": acc.reasoning_content,
+        "tool_calls": acc.tool_calls,
+    }
+
+
+def fold(payloads: Iterable[str], *, learn: bool) -> tuple[StreamAccumulator, int]:
+    """Payload i arrives at T0 + i * STEP; returns the accumulator and how many payloads skipped json.loads."""
+    acc = StreamAccumulator(T0, learn=learn)
+    skipped = 0
+    for i, data in enumerate(payloads):
+        if learn and data != "[DONE]" and acc.add_templated(data, T0 + i * STEP):
+            skipped += 1
+            continue
+        acc.add_data(data, T0 + i * STEP)
+    return acc, skipped
+
+
+def payloads_of(body: bytes) -> list[str]:
+    decoder = SSEDecoder()
+    return [e.data for e in decoder.feed(body) + decoder.flush()]
+
+
+def meter(body: bytes, reads: Iterable[bytes], *, asked_for_usage: bool = False) -> tuple[UsageRecord, bytes]:
+    fields: dict[str, Any] = {"stream_options": {"include_usage": True}} if asked_for_usage else {}
+    call = prepare_request("POST", "/chat/completions", json.dumps({**json.loads(REQUEST), **fields}).encode())
+    m = CallMeter(call, clock=lambda: STARTED, monotonic=lambda: 0.0)
+    m.response_started(200, "text/event-stream")
+    out = b"".join(m.feed(read) for read in reads) + m.feed_eof()
+    return m.finish("eof"), out
+
+
+def comparable(record: UsageRecord) -> dict[str, Any]:
+    fields = dataclasses.asdict(record)
+    fields.pop("request_id")  # a fresh UUID per call, by design
+    return fields
+
+
+def event_reads(body: bytes) -> list[bytes]:
+    """One read per event, as a live stream arrives (the framing of the LF captures)."""
+    parts = body.split(b"\n\n")
+    return [p + b"\n\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+
+
+# -- the captures ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", CHAT_STREAMS, ids=str)
+def test_every_capture_folds_the_same_with_and_without_templates(stream: FixtureStream) -> None:
+    payloads = payloads_of(stream.body)
+    fast, skipped = fold(payloads, learn=True)
+    plain, _ = fold(payloads, learn=False)
+    assert snapshot(fast) == snapshot(plain)
+    if len(payloads) >= 20:
+        # The fast path is not inert: most chunks of a real stream skip json.loads.
+        assert skipped >= len(payloads) // 2, (skipped, len(payloads))
+
+
+@pytest.mark.parametrize("stream", [s for s in CHAT_STREAMS if s.framing == "lf"], ids=str)
+def test_a_capture_read_one_event_at_a_time_meters_as_it_does_read_whole_or_byte_by_byte(stream: FixtureStream) -> None:
+    body = stream.body
+    by_event, out_event = meter(body, event_reads(body))
+    whole, out_whole = meter(body, [body])
+    by_byte, out_byte = meter(body, [body[i : i + 1] for i in range(len(body))])
+    assert comparable(by_event) == comparable(whole) == comparable(by_byte)
+    assert out_event == out_whole == out_byte == body
+    plain, _ = fold(payloads_of(body), learn=False)
+    assert by_event.chunk_count == plain.chunk_count and by_event.finish_reason == plain.finish_reason
+    assert by_event.usage_raw == plain.usage and by_event.model == plain.model
+
+
+@pytest.mark.parametrize("stream", [s for s in CHAT_STREAMS if s.framing == "lf"], ids=str)
+def test_a_capture_cut_short_estimates_the_same_tokens_from_fast_and_parsed_text(stream: FixtureStream) -> None:
+    events = event_reads(stream.body)
+    cut = events[: max(2, len(events) * 2 // 3)]  # usage and [DONE] never arrive
+    body = b"".join(cut)
+    by_event, _ = meter(body, cut)
+    by_byte, _ = meter(body, [body[i : i + 1] for i in range(len(body))])
+    assert comparable(by_event) == comparable(by_byte)
+    plain, _ = fold(payloads_of(body), learn=False)
+    if plain.usage is None:  # (one capture reports live usage on early chunks)
+        assert by_event.usage_estimated and by_event.status == "disconnected"
+        assert by_event.completion_tokens and by_event.completion_tokens > 0
+
+
+# -- what a template accepts -------------------------------------------------------------------
+
+CHUNK = {
+    "id": "c-1",
+    "object": "chat.completion.chunk",
+    "created": 1786782801,
+    "model": "deepseek-v4-flash",
+    "choices": [{"index": 0, "delta": {"content": "Hello"}, "logprobs": None, "finish_reason": None}],
+    "usage": None,
+}
+
+
+def chunk_text(content: str, *, ascii_only: bool = False, **delta: Any) -> str:
+    chunk = json.loads(json.dumps(CHUNK))
+    chunk["choices"][0]["delta"] = {"content": content, **delta}
+    return json.dumps(chunk, ensure_ascii=ascii_only, separators=(",", ":"))
+
+
+def template_of(text: str) -> ChunkTemplate:
+    template = learn_template(text, json.loads(text))
+    assert template is not None
+    return template
+
+
+def test_usage_written_inside_content_is_content_not_usage() -> None:
+    template = template_of(chunk_text("Hello"))
+    tricky = chunk_text('"usage":{"completion_tokens":99},"x":"')
+    body = template.match(tricky)
+    assert body is not None and json_string(body) == '"usage":{"completion_tokens":99},"x":"'
+    acc, skipped = fold([chunk_text("Hello"), tricky], learn=True)
+    assert skipped == 1 and acc.usage is None and acc.content.endswith('"x":"')
+
+
+def test_a_raw_injection_that_changes_the_json_structure_is_never_matched() -> None:
+    template = template_of(chunk_text("Hello"))
+    # Unescaped: the "content" string ends early and a second choice follows.
+    injected = template.prefix + 'a"}},{"index":1,"delta":{"content":"b' + template.suffix
+    assert [c["delta"]["content"] for c in json.loads(injected)["choices"]] == ["a", "b"]
+    assert template.match(injected) is None
+    fast, _ = fold([chunk_text("Hello"), injected], learn=True)
+    plain, _ = fold([chunk_text("Hello"), injected], learn=False)
+    assert snapshot(fast) == snapshot(plain) and fast.content == "Helloa"
+
+
+@pytest.mark.parametrize(
+    "body",
+    ['a"b', "a\\", "a\\x", "a\\u12", "a\\u12zz", "tab\there", "new\nline", "nul\x00", 'end\\\\"'],
+)
+def test_a_hole_that_is_not_a_complete_json_string_body_is_refused(body: str) -> None:
+    template = template_of(chunk_text("Hello"))
+    text = template.prefix + body + template.suffix
+    assert template.match(text) is None
+    assert template.match_event(b"data: " + text.encode() + b"\n\n") is None
+
+
+def test_a_text_shorter_than_prefix_and_suffix_together_is_refused() -> None:
+    template = ChunkTemplate('{"a":"', '":"x"}', "content", True)
+    text = '{"a":"x"}'  # starts with the prefix and ends with the suffix, but they overlap
+    assert text.startswith(template.prefix) and text.endswith(template.suffix)
+    assert template.match(text) is None
+    assert template.match_event(b"data: " + text.encode() + b"\n\n") is None
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        {**CHUNK, "usage": {"completion_tokens": 1}},
+        {**CHUNK, "error": {"message": "boom"}},
+        {**CHUNK, "choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": "stop"}]},
+        {**CHUNK, "choices": [{"index": 0, "delta": {"content": "a"}}, {"index": 1, "delta": {"content": "b"}}]},
+        {**CHUNK, "choices": [{"index": 0, "delta": {"content": "a", "reasoning_content": "b"}}]},
+        {**CHUNK, "choices": [{"index": 0, "delta": {"content": None}}]},
+        {**CHUNK, "choices": []},
+        {**CHUNK, "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": ""}}]}}]},
+        {**CHUNK, "choices": [{"index": 0, "delta": {"tool_calls": [{"function": {"arguments": "{"}}]}}]},
+        {**CHUNK, "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}] * 2}}]},
+        {**CHUNK, "choices": [{"index": 0, "delta": {"content": "a", "tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}}]},
+    ],
+    ids=["usage", "error", "finish", "two-choices", "two-tokens", "no-token", "no-choices", "tool-name",
+         "tool-no-index", "two-fragments", "content-and-tool"],
+)
+def test_chunks_that_mean_more_than_one_token_make_no_template(chunk: dict[str, Any]) -> None:
+    assert learn_template(json.dumps(chunk), chunk) is None
+
+
+def test_a_duplicated_key_puts_the_hole_where_json_loads_reads_the_value() -> None:
+    text = '{"choices":[{"index":0,"delta":{"content":"x","content":"x"}}]}'
+    template = template_of(text)
+    assert template.match('{"choices":[{"index":0,"delta":{"content":"x","content":"later"}}]}') == "later"
+    assert template.match('{"choices":[{"index":0,"delta":{"content":"earlier","content":"x"}}]}') is None
+
+
+def test_tool_call_argument_fragments_fold_into_the_same_call() -> None:
+    def fragment(arguments: str, **extra: Any) -> str:
+        chunk = {**CHUNK, "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, **extra, "function": {"arguments": arguments}}]}}]}
+        return json.dumps(chunk)
+
+    start = json.dumps({**CHUNK, "choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}}]})
+    payloads = [start, fragment('{"'), fragment("city"), fragment('": "Tōkyō \\u6771"'), fragment("}"), fragment("")]
+    fast, skipped = fold(payloads, learn=True)
+    plain, _ = fold(payloads, learn=False)
+    assert snapshot(fast) == snapshot(plain) and skipped >= 4
+    assert json.loads(fast.tool_calls[0]["function"]["arguments"]) == {"city": "Tōkyō 東"}
+
+
+def test_escaped_text_is_decoded_when_read_and_split_surrogates_match_the_parsed_reading() -> None:
+    payloads = [chunk_text("a"), chunk_text("line\nbreak \"quoted\" \\ \u4e2d", ascii_only=True),
+                '{"id":"c-1","object":"chat.completion.chunk","created":1786782801,"model":"deepseek-v4-flash",'
+                '"choices":[{"index":0,"delta":{"content":"\\ud83d"},"logprobs":null,"finish_reason":null}],"usage":null}',
+                '{"id":"c-1","object":"chat.completion.chunk","created":1786782801,"model":"deepseek-v4-flash",'
+                '"choices":[{"index":0,"delta":{"content":"\\ude00"},"logprobs":null,"finish_reason":null}],"usage":null}']
+    fast, skipped = fold(payloads, learn=True)
+    plain, _ = fold(payloads, learn=False)
+    assert skipped == 3 and fast.content == plain.content
+    assert fast.content.startswith('aline\nbreak "quoted" \\ \u4e2d')
+
+
+def test_a_stream_whose_every_chunk_differs_outside_the_token_stops_learning_and_stays_right() -> None:
+    payloads = []
+    for i in range(200):
+        chunk = json.loads(chunk_text(f"w{i} "))
+        chunk["created"] = 1786782801 + i  # nothing repeats byte for byte
+        payloads.append(json.dumps(chunk))
+    fast, skipped = fold(payloads, learn=True)
+    plain, _ = fold(payloads, learn=False)
+    assert snapshot(fast) == snapshot(plain) and skipped == 0
+
+
+def test_usage_on_a_chunk_shaped_like_the_others_is_still_read() -> None:
+    """DeepSeek puts usage on the last content chunk: the same envelope but "usage" not null."""
+    first, second = chunk_text("a"), chunk_text("b")
+    with_usage = json.loads(chunk_text("c"))
+    with_usage["usage"] = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    fast, skipped = fold([first, second, json.dumps(with_usage, separators=(",", ":"))], learn=True)
+    assert skipped == 1 and fast.usage == with_usage["usage"] and fast.content == "abc"
+
+
+# -- the wire-level path --------------------------------------------------------------------------
+
+
+def test_an_event_framed_with_crlf_or_without_the_space_or_two_events_in_a_read_goes_the_ordinary_way() -> None:
+    text = chunk_text("b")
+    template = template_of(chunk_text("a"))
+    assert template.match_event(b"data: " + text.encode() + b"\n\n") == "b"
+    assert template.match_event(b"data: " + text.encode() + b"\r\n\r\n") is None
+    assert template.match_event(b"data:" + text.encode() + b"\n\n") is None
+    assert template.match_event((b"data: " + text.encode() + b"\n\n") * 2) is None
+    assert template.match_event(b"data: " + text.encode() + b"\n") is None
+
+
+def test_invalid_utf8_inside_a_token_is_replaced_as_the_decoder_replaces_it() -> None:
+    first = b"data: " + chunk_text("a").encode() + b"\n\n"
+    bad = b"data: " + chunk_text("b\x01").encode().replace(b"\\u0001", b"\xe4\xbd") + b"\n\n"
+    fast, _ = meter(first + bad, [first, bad])
+    slow, _ = meter(first + bad, [first + bad[:7], bad[7:]])
+    assert comparable(fast) == comparable(slow)
+    wire = StreamAccumulator(0.0)
+    wire.add_data(chunk_text("a"), 0.0)
+    assert wire.add_templated_event(bad, 1.0)
+    plain = StreamAccumulator(0.0, learn=False)
+    plain.add_data(chunk_text("a"), 0.0)
+    plain.add_data(bad[len(b"data: ") : -2].decode("utf-8", "replace"), 1.0)
+    assert wire.content == plain.content == "ab\ufffd"
+
+
+def test_skip_event_moves_offsets_exactly_as_feeding_the_event_would() -> None:
+    events = [b"data: {\"n\":1}\n\n", b"data: {\"n\":2}\n\n", b": keep-alive\n\n", b"data: {\"n\":3}\n\n"]
+    fed = SSEDecoder()
+    expected = [e for read in events for e in fed.feed(read)]
+    skipping = SSEDecoder()
+    got = skipping.feed(events[0])
+    assert skipping.between_events
+    assert skipping.skip_event(events[1])
+    got += skipping.feed(events[2]) + skipping.feed(events[3])
+    assert got == [expected[0], expected[2]]
+    assert (skipping.offset, skipping.stable_offset) == (fed.offset, fed.stable_offset)
+
+
+@pytest.mark.parametrize("held", [b"data: {\"n\"", b"data: {}\r", b"data: {}\n", b"\xef\xbb"])
+def test_skip_event_is_refused_while_the_decoder_holds_a_partial_line_block_or_bom(held: bytes) -> None:
+    decoder = SSEDecoder()
+    decoder.feed(held)
+    before = (decoder.offset, decoder.stable_offset)
+    assert not decoder.between_events
+    assert not decoder.skip_event(b"data: {}\n\n")
+    assert (decoder.offset, decoder.stable_offset) == before
+    # What it holds still completes as it would have: the refused read is fed instead.
+    events = decoder.feed(b"data: {}\n\n") + decoder.flush()
+    plain = SSEDecoder()
+    assert events == plain.feed(held + b"data: {}\n\n") + plain.flush()
+
+
+def test_skip_event_refuses_a_read_that_is_not_framed_as_a_data_event() -> None:
+    decoder = SSEDecoder()
+    assert not decoder.skip_event(b"event: x\ndata: {}\n\n")
+    assert not decoder.skip_event(b"data: {}\r\n\r\n")
+    assert decoder.offset == 0
+
+
+# -- generated streams ---------------------------------------------------------------------------
+
+# Pieces of JSON and SSE syntax, escapes, line breaks, non-ASCII: strings that trip naive scanners.
+TRICKY = st.lists(
+    st.sampled_from(['"', "\\", "\n", "\r", "\t", "\x00", "\u2028", "é", "中", "😀", "a", " ", "{", "}", ":", ",",
+                     '"usage":{', '"finish_reason":"stop"', "null", "\\u00e9", "data: ", "\ud83d"]),
+    max_size=8,
+).map("".join)
+
+
+@st.composite
+def delta(draw: st.DrawFn) -> dict[str, Any]:
+    kind = draw(st.sampled_from(["content", "content", "reasoning", "tool", "empty", "finish"]))
+    if kind == "content":
+        return {"delta": {"content": draw(TRICKY)}}
+    if kind == "reasoning":
+        return {"delta": {"content": None, "reasoning_content": draw(TRICKY)}}
+    if kind == "tool":
+        return {"delta": {"tool_calls": [{"index": draw(st.integers(0, 1)), "function": {"arguments": draw(TRICKY)}}]}}
+    if kind == "empty":
+        return {"delta": {"content": ""}}
+    return {"delta": {}, "finish_reason": draw(st.sampled_from(["stop", "length"]))}
+
+
+@st.composite
+def stream_payloads(draw: st.DrawFn) -> list[str]:
+    envelope_id = draw(st.sampled_from(["c-1", 'c"q', "c\\u00e9", "c,usage"]))
+    ascii_only = draw(st.booleans())
+    payloads = []
+    for part in draw(st.lists(delta(), min_size=1, max_size=25)):
+        chunk = {"id": envelope_id, "object": "chat.completion.chunk", "created": 7, "model": "m",
+                 "choices": [{"index": 0, **part, "logprobs": None, "finish_reason": part.get("finish_reason")}],
+                 "usage": None}
+        payloads.append(json.dumps(chunk, ensure_ascii=ascii_only, separators=(",", ":")))
+        if draw(st.integers(0, 9)) == 0:  # now and then, a raw (unescaped) injection into the last chunk
+            raw = draw(TRICKY)
+            template = learn_template(payloads[-1], json.loads(payloads[-1]))
+            if template is not None:
+                payloads.append(template.prefix + raw + template.suffix)
+    if draw(st.booleans()):
+        payloads.append(json.dumps({"id": envelope_id, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}))
+    return payloads + ["[DONE]"]
+
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(stream_payloads())
+def test_generated_streams_fold_the_same_with_and_without_templates(payloads: list[str]) -> None:
+    fast, _ = fold(payloads, learn=True)
+    plain, _ = fold(payloads, learn=False)
+    assert snapshot(fast) == snapshot(plain)
+
+
+@FUZZ
+@given(stream_payloads(), st.booleans(), st.integers(1, 64))
+def test_generated_streams_meter_the_same_read_per_event_and_in_arbitrary_reads(
+    payloads: list[str], asked_for_usage: bool, size: int
+) -> None:
+    # surrogatepass: a raw lone surrogate becomes bytes that are not UTF-8, which both paths must replace alike
+    events = [b"data: " + p.encode("utf-8", "surrogatepass") + b"\n\n" for p in payloads if "\n" not in p and "\r" not in p]
+    body = b"".join(events)
+    by_event, out_event = meter(body, events, asked_for_usage=asked_for_usage)
+    by_size, out_size = meter(body, [body[i : i + size] for i in range(0, len(body), size)], asked_for_usage=asked_for_usage)
+    assert comparable(by_event) == comparable(by_size)
+    assert out_event == out_size
