@@ -81,6 +81,13 @@ def _parse_url(url: str) -> URL:
     return parsed
 
 
+# Alembic keeps the running migration in module globals (``alembic.context``, ``alembic.op``),
+# so two threads migrating at once (two writers starting on two fresh ledgers) would run each
+# other's operations on each other's connections: with SQLite that ends in a segfault.
+# Across processes the database's own lock (see migration_connection) keeps them apart.
+_ALEMBIC_LOCK = threading.Lock()
+
+
 def _is_memory_sqlite(url: URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
@@ -300,7 +307,7 @@ class LedgerStore:
         from alembic import command
         from alembic.util import CommandError
 
-        with self._lock:
+        with self._lock, _ALEMBIC_LOCK:
             config = alembic_config(self._raw_url)
             try:
                 if _is_memory_sqlite(self._parsed):

@@ -217,6 +217,41 @@ def test_several_processes_migrating_at_once_all_succeed(db_url: str, tmp_path: 
     store.close()
 
 
+def test_several_threads_migrating_fresh_ledgers_at_once_each_reach_head(tmp_path: Path) -> None:
+    # Two writers starting on two fresh ledgers in one process migrate on two threads at once.
+    # Alembic's module-global context once let them run each other's operations, which crashed
+    # the interpreter: run it in a child so a regression fails this test, not the whole suite.
+    script = textwrap.dedent(
+        """
+        import sys, threading
+        from collector.store import LedgerStore
+        failures = []
+        def migrate(url):
+            try:
+                LedgerStore(url).migrate()
+            except Exception as error:
+                failures.append(repr(error))
+        for round_ in range(6):
+            urls = [f"sqlite:///{sys.argv[1]}/{round_}-{i}.db" for i in range(4)]
+            threads = [threading.Thread(target=migrate, args=(url,)) for url in urls]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        print(failures)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+    ledgers = sorted(tmp_path.glob("*.db"))
+    assert len(ledgers) == 24
+    for ledger in ledgers:
+        store = LedgerStore(f"sqlite:///{ledger}", migrate=False)
+        assert store.current_revision() == head_revision()
+        store.close()
+
+
 def test_the_alembic_cli_works_from_the_repository_root(sqlite_url: str) -> None:
     alembic = Path(sys.executable).with_name("alembic")
     env = {**os.environ, "DSMETER_DATABASE_URL": sqlite_url}
