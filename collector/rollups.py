@@ -4,19 +4,22 @@ Reports and the dashboard read ``rollup_daily`` instead of scanning millions of 
 (``collector.queries`` picks it when the range is whole UTC days). It must always equal
 what the raw ledger gives, so it changes in exactly two ways:
 
-* **Incrementally**: ``RollupHook`` is a ``LedgerWriter.on_written`` hook (``attach``). The
-  writer calls it with the records a committed batch actually added (a replayed duplicate is
-  never passed twice), and it adds their sums in one transaction. If the database refuses,
-  the sums wait in memory and go with the next batch.
+* **Incrementally**: every ``LedgerWriter`` owns a ``RollupHook`` (``writer.rollup``). It adds
+  the sums of the calls a batch actually added inside that batch's transaction, so calls and
+  rollup commit together (a replayed duplicate is never counted twice). Spool replays and
+  ``attach`` call it after the commit instead, in a transaction of its own. If the rollup
+  cannot be written, the sums wait in memory and go with the next batch.
 * **By re-deriving days** from the raw ledger: ``rebuild`` (``dsmeter rollup``, after a
   reprice, after upgrading a ledger that had calls before the rollup existed). It replaces
   the days' rows in one transaction. Idempotent: any range, any number of times.
 
 The two serialise on a lock (PostgreSQL advisory lock, SQLite's write lock). One race is left
-by the writer committing calls before it calls its hook: a rebuild that read the raw ledger
-in between has already counted them. So every rebuild stamps the days it re-derived, and a
-hook that finds one of its days re-derived within ``REBUILD_MARGIN`` of its own start
-re-derives that day too instead of adding to it: exact either way.
+where calls are committed before their sums are added (a replay, or a batch whose rollup had
+to wait), or, on PostgreSQL, inserted before the batch takes the rollup lock: a rebuild that
+read the raw ledger in between has already counted them. So every rebuild stamps the days it
+re-derived, and a hook that finds one of its days re-derived within ``REBUILD_MARGIN`` of its
+own start re-derives that day too instead of adding to it (on PostgreSQL, in a transaction of
+its own under the exclusive lock): exact either way.
 
 ``rollup_state.complete`` says the rollup covers every call. Migration 0003 sets it when the
 ledger is empty; otherwise the first full ``rebuild`` does, and until then reads go raw.
@@ -54,7 +57,7 @@ from collector.reporting_schema import (
     tag_set_id,
     tags_text,
 )
-from collector.store import LedgerStore
+from collector.store import BulkInsert, LedgerStore
 
 __all__ = [
     "ROLLUP_DIMS",
@@ -62,6 +65,7 @@ __all__ = [
     "RollupKey",
     "Sums",
     "rollup_sums",
+    "sums_of_rows",
     "MAX_PENDING",
     "RollupHook",
     "attach",
@@ -103,10 +107,14 @@ def rollup_sums(records: Iterable[UsageRecord]) -> tuple[dict[RollupKey, Sums], 
     Pure. Each record is first fitted exactly as the ledger stores it (``row_from_record``),
     so the sums equal what a raw query over the stored rows gives.
     """
+    return sums_of_rows(row_from_record(record) for record in records)
+
+
+def sums_of_rows(rows: Iterable[dict[str, Any]]) -> tuple[dict[RollupKey, Sums], dict[str, dict[str, str]]]:
+    """``rollup_sums`` of ``calls`` rows as ``row_from_record`` builds them (the store's own, reused)."""
     out: dict[RollupKey, Sums] = {}
     tag_sets: dict[str, dict[str, str]] = {}
-    for record in records:
-        row = row_from_record(record)
+    for row in rows:
         tags = canonical_tags(row["tags"])
         set_id = tag_set_id(tags)
         tag_sets.setdefault(set_id, tags)
@@ -154,21 +162,56 @@ def _lock(connection: Connection, *, exclusive: bool) -> None:
         connection.execute(sa.text(f"SELECT {function}(:key)"), {"key": _LOCK_KEY})
 
 
+@dataclass(frozen=True, slots=True)
+class _Statements:
+    """The write path's statements, compiled once per dialect (every batch runs all three)."""
+
+    tag_sets: BulkInsert
+    tag_set_items: BulkInsert
+    add_sums: BulkInsert
+
+
+_compiled: dict[tuple[str, str], _Statements] = {}
+
+
+def _statements(dialect: sa.Dialect) -> _Statements:
+    key = (dialect.name, dialect.driver)
+    found = _compiled.get(key)
+    if found is None:
+        insert = _insert(dialect.name)
+        add = insert(ROLLUP_DAILY)
+        add = add.on_conflict_do_update(
+            index_elements=list(ROLLUP_KEY_COLUMNS),
+            set_={name: ROLLUP_DAILY.c[name] + add.excluded[name] for name in _MEASURES},
+        )
+        found = _compiled[key] = _Statements(
+            tag_sets=BulkInsert(
+                insert(ROLLUP_TAG_SETS).on_conflict_do_nothing(index_elements=["tag_set_id"]), ROLLUP_TAG_SETS, dialect
+            ),
+            tag_set_items=BulkInsert(
+                insert(ROLLUP_TAG_SET_ITEMS).on_conflict_do_nothing(index_elements=["tag_set_id", "key"]),
+                ROLLUP_TAG_SET_ITEMS,
+                dialect,
+            ),
+            add_sums=BulkInsert(add, ROLLUP_DAILY, dialect),
+        )
+    return found
+
+
 def _store_tag_sets(connection: Connection, tag_sets: dict[str, dict[str, str]]) -> None:
     if not tag_sets:
         return
-    insert = _insert(connection.dialect.name)
-    sets = [{"tag_set_id": set_id, "tags": tags_text(tags)} for set_id, tags in sorted(tag_sets.items())]
-    connection.execute(insert(ROLLUP_TAG_SETS).on_conflict_do_nothing(index_elements=["tag_set_id"]), sets)
-    items = [
-        {"tag_set_id": set_id, "key": key, "value": value}
-        for set_id, tags in sorted(tag_sets.items())
-        for key, value in sorted(tags.items())
-    ]
-    if items:
-        connection.execute(
-            insert(ROLLUP_TAG_SET_ITEMS).on_conflict_do_nothing(index_elements=["tag_set_id", "key"]), items
-        )
+    statements = _statements(connection.dialect)
+    ordered = sorted(tag_sets.items())
+    statements.tag_sets.execute(connection, [{"tag_set_id": set_id, "tags": tags_text(tags)} for set_id, tags in ordered])
+    statements.tag_set_items.execute(
+        connection,
+        [
+            {"tag_set_id": set_id, "key": key, "value": value}
+            for set_id, tags in ordered
+            for key, value in sorted(tags.items())
+        ],
+    )
 
 
 def _row(key: RollupKey, sums: Sums) -> dict[str, Any]:
@@ -179,15 +222,8 @@ def _row(key: RollupKey, sums: Sums) -> dict[str, Any]:
 
 def _add_sums(connection: Connection, sums: dict[RollupKey, Sums]) -> None:
     """Add ``sums`` to the rollup rows (created when absent), in key order so writers never deadlock."""
-    if not sums:
-        return
-    insert = _insert(connection.dialect.name)
-    statement = insert(ROLLUP_DAILY)
-    statement = statement.on_conflict_do_update(
-        index_elements=list(ROLLUP_KEY_COLUMNS),
-        set_={name: ROLLUP_DAILY.c[name] + statement.excluded[name] for name in _MEASURES},
-    )
-    connection.execute(statement, [_row(key, sums[key]) for key in sorted(sums)])
+    if sums:
+        _statements(connection.dialect).add_sums.execute(connection, [_row(key, sums[key]) for key in sorted(sums)])
 
 
 def _stamp(connection: Connection, days: Iterable[date], at: datetime) -> None:
@@ -290,8 +326,17 @@ def rebuild(store: LedgerStore, since: date | None = None, until: date | None = 
 MAX_PENDING = 50_000  # rollup rows kept in memory while the rollup cannot be written
 
 
+class _NeedsExclusive(Exception):
+    """A day was just re-derived: on PostgreSQL adding to it needs the exclusive lock, in a transaction of its own."""
+
+
 class RollupHook:
-    """``LedgerWriter.on_written`` hook that adds each committed batch's sums to the rollup.
+    """Adds each committed batch's sums to the rollup.
+
+    Two ways in. The writer makes it its store's ``TransactionCompanion``: ``stage`` adds the
+    sums inside the batch's own transaction (in a savepoint), so calls and rollup commit
+    together, with one commit per batch. Called as a ``LedgerWriter.on_written`` hook (or by a
+    spool replay) with records already committed, it adds their sums in a transaction of its own.
 
     ``store`` is the ledger's ``LedgerStore``, or a callable returning it (the writer passes
     its own, so no second engine is opened). Never raises into the writer: if the rollup
@@ -306,6 +351,8 @@ class RollupHook:
         self._lock = threading.Lock()
         self._pending: dict[RollupKey, Sums] = {}
         self._pending_tags: dict[str, dict[str, str]] = {}
+        # Between stage() and settle(): the batch's own sums, and whether the savepoint wrote them.
+        self._staged: tuple[dict[RollupKey, Sums], dict[str, dict[str, str]], bool] | None = None
 
     @property
     def store(self) -> LedgerStore:
@@ -328,11 +375,65 @@ class RollupHook:
         started = utcnow()
         sums, tag_sets = rollup_sums(records)
         with self._lock:
-            for key, value in sums.items():
-                into = self._pending.setdefault(key, _zero())
-                _add(into, value)
-            self._pending_tags.update(tag_sets)
+            self._keep(sums, tag_sets)
             self._try(started)
+
+    # -- in the batch's transaction (collector.store.TransactionCompanion) ----------------------
+
+    def stage(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
+        """Add the sums of ``rows`` (and any waiting ones) inside the caller's transaction.
+
+        Holds the hook's lock until ``settle``, so no ``flush`` writes the waiting sums twice.
+        Never raises: a failure rolls back only the savepoint, and the sums wait instead.
+        """
+        self._after_fork()
+        self._lock.acquire()
+        ok = False
+        sums: dict[RollupKey, Sums] = {}
+        tag_sets: dict[str, dict[str, str]] = {}
+        try:
+            started = utcnow()
+            sums, tag_sets = sums_of_rows(rows)
+            merged = {key: dict(value) for key, value in self._pending.items()}
+            for key, value in sums.items():
+                _add(merged.setdefault(key, _zero()), value)
+            with connection.begin_nested():
+                self._write_in(connection, merged, {**self._pending_tags, **tag_sets}, started, exclusive=False)
+            ok = True
+        except _NeedsExclusive:
+            pass  # settle() keeps the sums; the writer's flush() adds them under the exclusive lock
+        except Exception as error:  # noqa: BLE001 - the calls must commit even if the rollup cannot
+            log.warning("rollup update deferred to its own transaction: %s", (str(error).splitlines() or [""])[0])
+        self._staged = (sums, tag_sets, ok)
+
+    def settle(self, committed: bool) -> None:
+        """The batch's transaction ended: forget what it wrote, or keep what it could not."""
+        staged, self._staged = self._staged, None
+        if staged is None:
+            return
+        try:
+            sums, tag_sets, ok = staged
+            if not committed:
+                return  # the calls are not stored either: their sums go with them
+            if ok:
+                self._pending, self._pending_tags = {}, {}  # the savepoint wrote them too
+            else:
+                self._keep(sums, tag_sets)
+                self._check_overflow("the rollup could not be written in the batch's transaction")
+        finally:
+            self._lock.release()
+
+    def _keep(self, sums: dict[RollupKey, Sums], tag_sets: dict[str, dict[str, str]]) -> None:
+        for key, value in sums.items():
+            _add(self._pending.setdefault(key, _zero()), value)
+        self._pending_tags.update(tag_sets)
+
+    def _check_overflow(self, reason: str) -> None:
+        if len(self._pending) > MAX_PENDING:
+            log.error("the rollup could not be written for too long; dropping %d waiting rows. "
+                      "Run `dsmeter rollup` to re-derive it (%s)", len(self._pending), reason)
+            self._pending, self._pending_tags = {}, {}
+            self._mark_incomplete()
 
     def flush(self) -> bool:
         """Try again to write sums that are waiting; True when none wait."""
@@ -347,13 +448,9 @@ class RollupHook:
             self._apply(started)
         except Exception as error:  # noqa: BLE001 - never take the writer down; keep the sums
             first = (str(error).splitlines() or [type(error).__name__])[0]
-            if len(self._pending) > MAX_PENDING:
-                log.error("the rollup could not be written for too long; dropping %d waiting rows. "
-                          "Run `dsmeter rollup` to re-derive it (%s)", len(self._pending), first)
-                self._pending, self._pending_tags = {}, {}
-                self._mark_incomplete()
-            else:
+            if len(self._pending) <= MAX_PENDING:
                 log.warning("rollup update deferred (%d rows wait): %s", len(self._pending), first)
+            self._check_overflow(first)
             return
         self._pending, self._pending_tags = {}, {}
 
@@ -367,28 +464,40 @@ class RollupHook:
     def _apply(self, started: datetime) -> None:
         store = self.store
         store.ensure_schema()
-        days = {key[0] for key in self._pending}
-        exclusive = False
-        while True:
+        try:
             with _begin(store.engine) as connection, connection.begin():
-                _lock(connection, exclusive=exclusive)
-                recent = set(
-                    connection.execute(
-                        sa.select(ROLLUP_REBUILDS.c.day).where(
-                            ROLLUP_REBUILDS.c.day.in_(sorted(days)),
-                            ROLLUP_REBUILDS.c.rebuilt_at >= started - REBUILD_MARGIN,
-                        )
-                    ).scalars()
+                self._write_in(connection, self._pending, self._pending_tags, started, exclusive=False)
+        except _NeedsExclusive:
+            with _begin(store.engine) as connection, connection.begin():
+                self._write_in(connection, self._pending, self._pending_tags, started, exclusive=True)
+
+    @staticmethod
+    def _write_in(
+        connection: Connection,
+        sums: dict[RollupKey, Sums],
+        tag_sets: dict[str, dict[str, str]],
+        started: datetime,
+        *,
+        exclusive: bool,
+    ) -> None:
+        """Add ``sums`` within ``connection``'s transaction, re-deriving days rebuilt since ``started``."""
+        _lock(connection, exclusive=exclusive)
+        days = {key[0] for key in sums}
+        recent = set(
+            connection.execute(
+                sa.select(ROLLUP_REBUILDS.c.day).where(
+                    ROLLUP_REBUILDS.c.day.in_(sorted(days)),
+                    ROLLUP_REBUILDS.c.rebuilt_at >= started - REBUILD_MARGIN,
                 )
-                if recent and not exclusive and connection.dialect.name == "postgresql":
-                    exclusive = True  # re-deriving needs every other rollup writer out of the way
-                    continue
-                at = utcnow()
-                for day in sorted(recent):
-                    _rederive(connection, day, day + timedelta(days=1), at)
-                _store_tag_sets(connection, self._pending_tags)
-                _add_sums(connection, {key: value for key, value in self._pending.items() if key[0] not in recent})
-            return
+            ).scalars()
+        )
+        if recent and not exclusive and connection.dialect.name == "postgresql":
+            raise _NeedsExclusive  # re-deriving needs every other rollup writer out of the way
+        at = utcnow()
+        for day in sorted(recent):
+            _rederive(connection, day, day + timedelta(days=1), at)
+        _store_tag_sets(connection, tag_sets)
+        _add_sums(connection, {key: value for key, value in sums.items() if key[0] not in recent})
 
 
 def attach(writer: Any, url: str | None = None) -> RollupHook:
@@ -397,6 +506,9 @@ def attach(writer: Any, url: str | None = None) -> RollupHook:
     ``LedgerWriter`` attaches one by itself; this returns that one (never a second, which would
     count every call twice), or attaches a new hook for ``url`` (resolved like ``--db``).
     """
+    own = getattr(writer, "rollup", None)
+    if isinstance(own, RollupHook):
+        return own
     for hook in writer.on_written:
         if isinstance(hook, RollupHook):
             return hook

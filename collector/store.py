@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy import event, exc
@@ -204,7 +204,17 @@ def database_identity(url: str | None = None) -> str:
 _ID_CHUNK = 500  # ids per "IN (...)" lookup, well under SQLite's bound-parameter limit
 
 
-class _BulkInsert:
+class TransactionCompanion(Protocol):
+    """Writes that must commit with a batch of calls or not at all (the writer's rollup)."""
+
+    def stage(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
+        """Called inside the batch's transaction with the ``calls`` rows it added."""
+
+    def settle(self, committed: bool) -> None:
+        """Called once after ``stage``: whether that transaction committed."""
+
+
+class BulkInsert:
     """One INSERT compiled once for the dialect, run as a driver-level executemany.
 
     Values go through each column type's own bind processor (Money, UTCDateTime, Uuid,
@@ -259,10 +269,10 @@ class LedgerStore:
         # started_at) there, (request_id) before: no conflict target fits both. A replayed
         # record has the same started_at, so this is the same idempotency.
         call_key = None if self.dialect == "postgresql" else [calls.c.request_id]
-        self._insert_calls = _BulkInsert(
+        self._insert_calls = BulkInsert(
             insert(calls).on_conflict_do_nothing(index_elements=call_key), calls, dialect
         )
-        self._insert_tags = _BulkInsert(
+        self._insert_tags = BulkInsert(
             insert(tags).on_conflict_do_nothing(index_elements=[tags.c.request_id, tags.c.key]), tags, dialect
         )
 
@@ -377,8 +387,14 @@ class LedgerStore:
         """Store records in one transaction; ones already stored (same request_id) are skipped. Returns rows added."""
         return len(self.insert_new(records))
 
-    def insert_new(self, records: Sequence[UsageRecord]) -> list[UsageRecord]:
-        """Like ``insert``, but returns the records that were actually added (for hooks that must not double-count)."""
+    def insert_new(
+        self, records: Sequence[UsageRecord], companion: TransactionCompanion | None = None
+    ) -> list[UsageRecord]:
+        """Like ``insert``, but returns the records that were actually added (for hooks that must not double-count).
+
+        ``companion`` (the writer's rollup) writes what follows from the added rows in the same
+        transaction, so both commit together or not at all; it is told how the transaction ended.
+        """
         unique: dict[uuid.UUID, UsageRecord] = {}
         for record in records:
             unique.setdefault(record.request_id, record)
@@ -386,6 +402,7 @@ class LedgerStore:
             return []
         rows = [row_from_record(record) for record in unique.values()]
         self.ensure_schema()
+        staged = False
         try:
             with self._engine.connect() as connection:
                 # SQLite: take the write lock first, so the ids we find absent stay absent until we commit.
@@ -400,10 +417,21 @@ class LedgerStore:
                     ]
                     if tag_rows:
                         self._insert_tags.execute(connection, tag_rows)
+                    if companion is not None and added:
+                        staged = True
+                        companion.stage(connection, [row for row in rows if row["request_id"] in added])
         except exc.SQLAlchemyError as error:
+            if staged:
+                companion.settle(committed=False)  # type: ignore[union-attr]
             if is_operational_error(error):
                 raise self.unavailable(error, "write to") from None
             raise
+        except BaseException:
+            if staged:
+                companion.settle(committed=False)  # type: ignore[union-attr]
+            raise
+        if staged:
+            companion.settle(committed=True)  # type: ignore[union-attr]
         return [record for request_id, record in unique.items() if request_id in added]
 
     def _insert_calls_rows(self, connection: Connection, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
@@ -436,7 +464,7 @@ class LedgerStore:
         return added
 
     def insert_isolating(
-        self, records: Sequence[UsageRecord]
+        self, records: Sequence[UsageRecord], companion: TransactionCompanion | None = None
     ) -> tuple[list[UsageRecord], list[tuple[UsageRecord, str]]]:
         """Insert what the database accepts; return (added, refused with the reason).
 
@@ -445,7 +473,7 @@ class LedgerStore:
         a refusal: ``DatabaseUnavailable`` propagates and nothing is judged.
         """
         try:
-            return self.insert_new(records), []
+            return self.insert_new(records, companion), []
         except DatabaseUnavailable:
             raise
         except Exception as error:  # noqa: BLE001 - any refusal of the data, reported with its record
@@ -454,8 +482,8 @@ class LedgerStore:
             if len(records) <= 1:
                 return [], [(record, _reason(error, self._parsed)) for record in records]
         middle = len(records) // 2
-        added_a, refused_a = self.insert_isolating(records[:middle])
-        added_b, refused_b = self.insert_isolating(records[middle:])
+        added_a, refused_a = self.insert_isolating(records[:middle], companion)
+        added_b, refused_b = self.insert_isolating(records[middle:], companion)
         return added_a + added_b, refused_a + refused_b
 
     # -- sessions -------------------------------------------------------------------------

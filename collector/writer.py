@@ -51,6 +51,11 @@ Pricer = Callable[[UsageRecord], UsageRecord]
 OnWritten = Callable[[Sequence[UsageRecord]], None]
 
 DEFAULT_MAX_QUEUE = 100_000
+# Rows per transaction when calls queue up faster than they are written. A batch is whatever
+# arrived within flush_interval, so at ordinary rates batches stay small; under a backlog each
+# commit (an fsync) and each rollup upsert is shared by more rows: 2,000 writes 1.3x faster than
+# 500 (tests/benchmarks/bench_ledger.py) and holds SQLite's write lock about 0.2 s.
+DEFAULT_BATCH_SIZE = 2_000
 DEFAULT_CLOSE_TIMEOUT = 30.0
 
 
@@ -72,7 +77,7 @@ class LedgerWriter:
         self,
         url: str | None = None,
         *,
-        batch_size: int = 500,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         flush_interval: float = 0.2,
         spool_dir: Path | None = None,
         pricer: Pricer | None = None,
@@ -94,8 +99,8 @@ class LedgerWriter:
         self.pricer: Pricer = pricer if pricer is not None else default_pricer()
         self.on_written: list[OnWritten] = []
         # The reporting rollup (collector.rollups) follows every batch committed here, spool
-        # replays included, through this writer's own store; first, so it sees the replay below.
-        self.on_written.append(RollupHook(self._get_store))
+        # replays included, through this writer's own store: in the batch's own transaction.
+        self.rollup = RollupHook(self._get_store)
         self._closed = False
         self._close_lock = threading.Lock()
         self._init_process_state()
@@ -315,7 +320,7 @@ class LedgerWriter:
             return
         self._inflight = records
         try:
-            added, refused = self._get_store().insert_isolating(records)
+            added, refused = self._get_store().insert_isolating(records, companion=self.rollup)
         except DatabaseUnavailable as error:
             log.warning(
                 "ledger unavailable (%s); spooling calls to %s and retrying every %gs",
@@ -331,7 +336,15 @@ class LedgerWriter:
             return
         finally:
             self._inflight = []
+        if self.rollup.pending:
+            self.rollup.flush()  # sums the batch's transaction could not take: a transaction of their own
         self._reject(refused)
+        self._notify(added)
+
+    def _replayed(self, added: Sequence[UsageRecord]) -> None:
+        """Rows a replay committed: their sums join the rollup now, then the hooks hear of them."""
+        if added:
+            self.rollup(added)
         self._notify(added)
 
     def _mark_down(self) -> None:
@@ -380,7 +393,7 @@ class LedgerWriter:
                 unwritten, self._unwritten = self._unwritten, []
             if unwritten:
                 try:
-                    added, refused = store.insert_isolating(unwritten)
+                    added, refused = store.insert_isolating(unwritten, companion=self.rollup)
                 except BaseException:
                     with self._unwritten_lock:
                         self._unwritten[:0] = unwritten
@@ -388,7 +401,7 @@ class LedgerWriter:
                 self._reject(refused)
                 self._notify(added)
             self._spool.close()  # let the replay claim our own file too
-            result = replay_spool(store, self.spool_dir, on_written=self._notify)
+            result = replay_spool(store, self.spool_dir, on_written=self._replayed)
         except DatabaseUnavailable as error:
             log.debug("ledger still unavailable: %s", error)
             self._mark_down()

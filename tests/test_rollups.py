@@ -202,6 +202,65 @@ def test_a_refused_rollup_update_waits_and_goes_in_with_the_next_batch(db_url: s
     store.close()
 
 
+def test_a_batch_and_its_rollup_sums_commit_together(db_url: str) -> None:
+    store = LedgerStore(db_url)
+    store.migrate()
+    records = _random_records(random.Random(15), 150)
+    hook = RollupHook(store)
+    assert len(store.insert_new(records[:100], companion=hook)) == 100
+    assert hook.pending == 0 and _rollup_calls(store) == 100  # no second transaction needed
+
+    class FailsAfterStaging(RollupHook):
+        def stage(self, connection: Any, rows: list[dict[str, Any]]) -> None:
+            super().stage(connection, rows)
+            raise RuntimeError("the batch fails after its sums were staged")
+
+    failing = FailsAfterStaging(store)
+    with pytest.raises(RuntimeError):
+        store.insert_new(records[100:], companion=failing)
+    # Rolled back together: neither the calls nor their sums, and nothing waits to be added.
+    assert failing.pending == 0 and _rollup_calls(store) == 100
+    assert len(store.insert_new(records, companion=hook)) == 50
+    assert _rollup_calls(store) == 150
+    _assert_agree(store)
+    store.close()
+
+
+def test_a_rollup_refused_inside_the_batch_still_lets_the_calls_commit(db_url: str) -> None:
+    store = LedgerStore(db_url)
+    store.migrate()
+    rng = random.Random(16)
+    first, second = _random_records(rng, 100), _random_records(rng, 100)
+    hook = RollupHook(store)
+    with store.engine.begin() as connection:
+        connection.execute(sa.text("ALTER TABLE rollup_daily RENAME TO rollup_daily_away"))
+    assert len(store.insert_new(first, companion=hook)) == 100  # only the savepoint rolled back
+    assert hook.pending > 0
+    with store.engine.begin() as connection:
+        connection.execute(sa.text("ALTER TABLE rollup_daily_away RENAME TO rollup_daily"))
+    assert len(store.insert_new(second, companion=hook)) == 100
+    assert hook.pending == 0
+    assert _rollup_calls(store) == 200
+    _assert_agree(store)
+    store.close()
+
+
+def test_a_batch_landing_on_a_day_just_rebuilt_counts_each_call_once(db_url: str) -> None:
+    store = LedgerStore(db_url)
+    store.migrate()
+    rng = random.Random(17)
+    before, batch = _random_records(rng, 200), _random_records(rng, 200)
+    store.insert(before)  # calls the rollup has not seen yet ...
+    rebuild(store)  # ... a rebuild counts them and stamps every day ...
+    hook = RollupHook(store)
+    store.insert_new(batch, companion=hook)  # ... and a batch lands on those days at once
+    hook.flush()  # PostgreSQL leaves re-deriving a day to a transaction under the exclusive lock
+    assert hook.pending == 0
+    assert _rollup_calls(store) == 400
+    _assert_agree(store)
+    store.close()
+
+
 def test_a_reprice_changes_the_rollup_exactly_as_the_raw_ledger(db_url: str, tmp_path: Path) -> None:
     from collector.pricebook import load_book
     from collector.repricing import reprice
