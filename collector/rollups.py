@@ -114,10 +114,14 @@ def sums_of_rows(rows: Iterable[dict[str, Any]]) -> tuple[dict[RollupKey, Sums],
     """``rollup_sums`` of ``calls`` rows as ``row_from_record`` builds them (the store's own, reused)."""
     out: dict[RollupKey, Sums] = {}
     tag_sets: dict[str, dict[str, str]] = {}
+    set_ids: dict[tuple[tuple[str, str], ...], str] = {}  # a batch has few distinct tag sets: hash each once
     for row in rows:
-        tags = canonical_tags(row["tags"])
-        set_id = tag_set_id(tags)
-        tag_sets.setdefault(set_id, tags)
+        given = tuple(row["tags"].items()) if row["tags"] else ()
+        set_id = set_ids.get(given)
+        if set_id is None:
+            tags = canonical_tags(row["tags"])
+            set_id = set_ids[given] = tag_set_id(tags)
+            tag_sets.setdefault(set_id, tags)
         model = row["model"] if row["model"] is not None else row["requested_model"]
         key: RollupKey = (
             row["started_at"].astimezone(timezone.utc).date(),
