@@ -3,7 +3,7 @@
 
     python tests/benchmarks/run_all.py              # decoder, client, ledger, proxy (~10 min)
     python tests/benchmarks/run_all.py --quick      # smaller runs of the same (~3 min)
-    python tests/benchmarks/run_all.py --all        # also reports at 10M rows and the dashboard at 1M (long)
+    python tests/benchmarks/run_all.py --all        # also reports at 10M rows, the dashboard at 1M, LiteLLM (long)
     DSMETER_TEST_POSTGRES_URL=postgresql+psycopg://postgres@127.0.0.1:5432/test python tests/benchmarks/run_all.py
 
 Each benchmark runs in its own process and prints its own table (shown as it runs); this
@@ -95,6 +95,16 @@ def _proxy(data: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _litellm(data: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for r in data.get("runs", []):
+        rows.append([f"proxy vs LiteLLM, {r['concurrency']} concurrent",
+                     f"{r['dsmeter']['streams_per_second']:.1f} streams/s",
+                     f"LiteLLM {r['litellm']['streams_per_second']:.1f}/s: {r['dsmeter_over_litellm_streams_per_second']:.1f}x",
+                     ">= 50x"])
+    return rows
+
+
 BENCHES = [
     Bench("decoder", "bench_decoder.py", [], ["--repeat", "3", "--chunks", "1000"], _decoder),
     Bench("client", "bench_client.py", [], ["--streams", "5"], _client),
@@ -103,6 +113,8 @@ BENCHES = [
     Bench("reports", "bench_reports.py", [], ["--rows", "1000000", "--repeat", "2"], None, json=False,
           needs_postgres=True, extra=True),
     Bench("dashboard", "bench_dashboard.py", [], ["--rows", "200000", "--runs", "2"], None, json=False, extra=True),
+    # Installs LiteLLM from PyPI into its own virtualenv on first use: only with --all.
+    Bench("litellm", "bench_litellm.py", [], ["--concurrency", "1,10", "--no-paced"], _litellm, extra=True),
 ]
 
 
