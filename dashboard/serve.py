@@ -23,9 +23,28 @@ def warm() -> None:
     import dashboard.charts  # noqa: F401
     import dashboard.data  # noqa: F401
     import dashboard.views  # noqa: F401
+    from collector.pricebook import shipped_book
     from dashboard.engine import head_revision
 
     head_revision()
+    shipped_book()  # the overview's cache savings price tokens with it
+    _warm_streamlit()
+
+
+def _warm_streamlit() -> None:
+    """Pay now what Streamlit pays once per process on its first page run (py-spy: ~0.5 s of it)."""
+    import altair as alt
+    import pandas as pd
+    import streamlit.delta_generator as delta_generator
+    from streamlit.string_util import is_emoji
+
+    # The emoji favicon: checking it imports streamlit.emojis, which compiles one huge regex.
+    is_emoji("📈")
+    # Altair builds its Vega-Lite schema validator on the first chart it checks.
+    alt.Chart(pd.DataFrame({"x": [0], "y": [0]})).mark_bar().encode(x="x", y="y").to_dict()
+    # The first element a process draws asks whether it runs in a REPL, by inspecting the
+    # source of every frame on the stack. It runs under `streamlit run`: the answer is no.
+    delta_generator._use_warning_has_been_displayed = True  # noqa: SLF001
 
 
 def main(argv: list[str] | None = None) -> None:

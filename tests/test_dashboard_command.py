@@ -83,3 +83,21 @@ def test_demo_ends_by_serving_the_dashboard_on_the_ledger_it_recorded(tmp_path: 
         assert process.wait(timeout=20) in (0, -signal.SIGTERM)
     finally:
         _stop(process)
+
+
+def test_warming_the_server_pays_streamlits_first_run_costs_before_any_visitor() -> None:
+    # A fresh interpreter, as `dsmeter dashboard` starts one: what warm() leaves loaded there
+    # is what the first visitor's page run no longer waits for (found with py-spy).
+    script = (
+        "import sys\n"
+        "import streamlit.delta_generator as dg\n"
+        "assert 'streamlit.emojis' not in sys.modules and not dg._use_warning_has_been_displayed\n"
+        "from dashboard.serve import warm\n"
+        "warm()\n"
+        "from collector.pricebook import shipped_book\n"
+        "print('streamlit.emojis' in sys.modules, dg._use_warning_has_been_displayed,\n"
+        "      shipped_book.cache_info().currsize, 'dashboard.data' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "True", "1", "True"]
