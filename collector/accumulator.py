@@ -99,6 +99,9 @@ class StreamAccumulator(_Timings):
         self._other_finish: str | None = None  # a finish_reason from a choice other than 0
         # (choice index, tool call index) -> the merged call
         self._tools: dict[tuple[int, int], dict[str, Any]] = {}
+        # Each call's arguments as parts, joined only when read: appending to one growing string
+        # copied it whole on every fragment, and escaped fragments stay undecoded until then.
+        self._tool_arguments: dict[tuple[int, int], list[_Part]] = {}
         self._last_tool: dict[int, tuple[int, int]] = {}
 
     # -- results -------------------------------------------------------------------------------
@@ -115,8 +118,8 @@ class StreamAccumulator(_Timings):
     def tool_calls(self) -> list[dict[str, Any]]:
         """Merged calls, ordered by choice then index: ``{"index", "id", "type", "function": {"name", "arguments"}}``."""
         return [
-            {**call, "function": dict(call["function"])}
-            for _, call in sorted(self._tools.items(), key=lambda item: item[0])
+            {**call, "function": {**call["function"], "arguments": _join(self._tool_arguments.get(key, []))}}
+            for key, call in sorted(self._tools.items(), key=lambda item: item[0])
         ]
 
     # -- input ---------------------------------------------------------------------------------
@@ -202,7 +205,7 @@ class StreamAccumulator(_Timings):
         self.last_at = at
         if template.tool is not None:
             # A tool call's arguments fragment is a token even when empty, as in _add_choice.
-            self._add_tool_arguments(template.tool, json_string(body))
+            self._add_tool_arguments(template.tool, body if "\\" not in body else (body,))
             if self.first_token_at is None:
                 self.first_token_at = at
             return
@@ -294,14 +297,16 @@ class StreamAccumulator(_Timings):
         if token and self.first_token_at is None:
             self.first_token_at = at
 
-    def _add_tool_arguments(self, key: tuple[int, int], arguments: str) -> None:
+    def _add_tool_arguments(self, key: tuple[int, int], arguments: _Part) -> None:
         """What ``_add_tool_fragment`` does with a fragment that has an index, arguments and nothing new."""
-        call = self._tools.get(key)
-        if call is None:
-            call = {"index": key[1], "id": None, "type": None, "function": {"name": "", "arguments": ""}}
-            self._tools[key] = call
+        if key not in self._tools:
+            self._tools[key] = {"index": key[1], "id": None, "type": None, "function": {"name": "", "arguments": ""}}
         self._last_tool[key[0]] = key
-        call["function"]["arguments"] += arguments
+        parts = self._tool_arguments.get(key)
+        if parts is None:
+            self._tool_arguments[key] = [arguments]
+        else:
+            parts.append(arguments)
 
     def _add_tool_fragment(self, choice: int, position: int, fragment: Mapping[str, Any]) -> None:
         call_id = fragment.get("id")
@@ -333,7 +338,7 @@ class StreamAccumulator(_Timings):
                 call["function"]["name"] += name
             arguments = function.get("arguments")
             if isinstance(arguments, str):
-                call["function"]["arguments"] += arguments
+                self._tool_arguments.setdefault(key, []).append(arguments)
 
 
 class AnthropicStreamAccumulator(_Timings):

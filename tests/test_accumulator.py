@@ -246,6 +246,27 @@ def test_parallel_tool_calls_interleaved_are_merged_by_index() -> None:
     assert acc.first_content_at is None and acc.first_token_at == 0.0
 
 
+def test_a_long_tool_call_folded_from_templates_keeps_every_escaped_fragment_in_order() -> None:
+    # Thousands of fragments, escaped ones among them, through the template path (data= lets
+    # later chunks skip parsing): the arguments read back are the exact concatenation.
+    acc = StreamAccumulator(0.0)
+    head = {"index": 0, "id": "c1", "type": "function", "function": {"name": "write_file", "arguments": ""}}
+    acc.add_chunk({"choices": [{"index": 0, "delta": {"tool_calls": [head]}}]}, 0.0)
+    fragments = ['{"text": "', *[f'line {i}\\n\\"q\\" ' if i % 3 == 0 else f"w{i} " for i in range(3000)], '"}']
+    for i, fragment in enumerate(fragments, start=1):
+        chunk = {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]}}]}
+        data = json.dumps(chunk, separators=(",", ":"))
+        template = acc.match_event(f"data: {data}\n\n".encode())
+        if template is not None:
+            acc.add_matched(template[0], template[1], float(i))
+        else:
+            acc.add_chunk(json.loads(data), float(i), data)
+    assert acc.chunk_count == len(fragments) + 1
+    [call] = acc.tool_calls
+    assert call["function"]["arguments"] == "".join(fragments)
+    assert json.loads(call["function"]["arguments"])["text"].startswith('line 0\n"q" w1 ')
+
+
 def test_tool_call_fragments_without_index_continue_the_latest_call() -> None:
     acc = StreamAccumulator(0.0)
     acc.add_chunk({"choices": [{"delta": {"tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": "{"}}]}}]}, 1.0)
