@@ -24,12 +24,16 @@ runs of CPU time (``time.process_time``), after a warm-up run.
 
     python tests/benchmarks/bench_decoder.py
     python tests/benchmarks/bench_decoder.py --chunks 2000 --repeat 9 --json decoder.json
+    python tests/benchmarks/bench_decoder.py --instructions    # valgrind instruction counts (load-independent)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +47,8 @@ from benchutil import FIXTURES, conditions, cpu_times, median, table, write_json
 from collector.accumulator import StreamAccumulator  # noqa: E402
 from collector.metering import CallMeter, prepare_request  # noqa: E402
 from collector.sse import SSEDecoder  # noqa: E402
+
+READ_SIZE = 65536  # the large-read case: what a client reading 64 KiB at a time gets
 
 WORKLOADS = {
     "text": "vercel-ai_v4flash_deepseek-text.chunks.jsonl",
@@ -176,7 +182,7 @@ def json_floor(workload: Workload) -> Callable[[], None]:
 def measure(workloads: list[Workload], repeat: int) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     for workload in workloads:
-        for mode, size in (("event", None), ("64k", 65536)):
+        for mode, size in (("event", None), ("64k", READ_SIZE)):
             reads = workload.reads(size)
             contenders: dict[str, Callable[[], None]] = {
                 "metering": metering(workload, reads),
@@ -233,15 +239,70 @@ def report(results: list[dict[str, Any]]) -> str:
     )
 
 
+# One contender in a fresh process: ``runs`` passes over one workload after a warm-up pass.
+_COUNTED = """
+import sys
+sys.path.insert(0, {here!r})
+import bench_decoder as bd
+name, contender, size, chunks, runs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+workload = bd.build(name, bd.WORKLOADS[name], chunks)
+reads = workload.reads(None if size == "event" else int(size))
+run = bd.metering(workload, reads) if contender == "metering" else bd.json_floor(workload)
+for _ in range(runs + 1):
+    run()
+"""
+
+
+def instructions_per_chunk(workload: Workload, contender: str, size: int | None, runs: int = 3) -> float:
+    """Instructions per chunk under valgrind: ``runs`` passes minus a process doing none (startup, warm-up)."""
+    script = _COUNTED.format(here=str(Path(__file__).resolve().parent))
+    totals = []
+    for n in (0, runs):
+        out = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c", script,
+             workload.name, contender, "event" if size is None else str(size), str(workload.chunks), str(n)],
+            capture_output=True, text=True, check=False,
+        )
+        match = re.search(r"Collected : (\d+)", out.stderr)
+        if out.returncode != 0 or match is None:
+            raise SystemExit(f"valgrind run failed:\n{out.stderr[-2000:]}")
+        totals.append(int(match.group(1)))
+    return (totals[1] - totals[0]) / runs / workload.chunks
+
+
+def report_instructions(workloads: list[Workload]) -> list[dict[str, Any]]:
+    """Metering against the json.loads floor in instructions, which load on the machine does not move."""
+    rows = []
+    print("decoder + metering, instructions per chunk (valgrind)")
+    print(f"{'workload':10s} {'reads':6s} {'metering':>9s} {'json.loads':>11s} {'metering/floor':>15s}")
+    for workload in workloads:
+        floor = instructions_per_chunk(workload, "floor", None)
+        for size, label in ((None, "event"), (READ_SIZE, "64k")):
+            ours = instructions_per_chunk(workload, "metering", size)
+            rows.append({"workload": workload.name, "reads": label, "metering": round(ours),
+                         "json_loads_floor": round(floor), "metering_over_floor": round(ours / floor, 3)})
+            print(f"{workload.name:10s} {label:6s} {ours:9,.0f} {floor:11,.0f} {ours / floor:15.2f}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chunks", type=int, default=2000, help="chunks per stream (default 2000)")
     parser.add_argument("--repeat", type=int, default=9, help="timed runs per contender (default 9; median reported)")
     parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS), help="only these workloads")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count instructions under valgrind instead of timing (load-independent; minutes)")
     args = parser.parse_args(argv)
     names = args.workload or list(WORKLOADS)
     workloads = [build(name, WORKLOADS[name], args.chunks) for name in names]
+    if args.instructions:
+        if shutil.which("valgrind") is None:
+            parser.error("--instructions needs valgrind (apt-get install valgrind)")
+        rows = report_instructions(workloads)
+        print("target: metering/floor < 1.00")
+        write_json(args.json, {"benchmark": "decoder-instructions", "conditions": conditions(), "results": rows})
+        return 0
     results = measure(workloads, args.repeat)
     print(f"decoder + metering, CPU time per chunk (median of {args.repeat}), {args.chunks}-chunk streams")
     print(report(results))
