@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_proxy import _SIMULATOR, Child, Run, measure  # noqa: E402
+from bench_proxy import _SIMULATOR, Child, Run, Server, measure  # noqa: E402
 from benchutil import conditions  # noqa: E402
 
 DEFAULT_VERSION = "1.106.0"
@@ -67,7 +67,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class LiteLLM:
+class LiteLLM(Server):
     """``litellm --config`` on loopback, pointed at the simulator, ready when its liveness probe answers."""
 
     def __init__(self, command: Path, sim_url: str, workers: int, output_tokens: int, paced_delay_ms: float,
@@ -117,19 +117,8 @@ class LiteLLM:
         self.log.flush()
         return (self._home / "litellm.log").read_text(errors="replace")[-3000:]
 
-    def cpu_seconds(self) -> float:
-        from bench_proxy import _descendants, _proc_cpu
-
-        return sum(_proc_cpu(pid) for pid in _descendants(self.process.pid))
-
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        super().stop()
         self.log.close()
 
 
@@ -201,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 streams = args.streams or max(60, 3 * level)
                 direct = measure("direct", sim_url, level, streams, _body("deepseek-v4-flash"), headers, None)
                 ours = measure("dsmeter", dsmeter_url, level, streams, _body("deepseek-v4-flash"), headers, dsmeter)
-                theirs = measure("litellm", litellm.url, level, streams, _body("bench"), their_headers, litellm)  # type: ignore[arg-type]
+                theirs = measure("litellm", litellm.url, level, streams, _body("bench"), their_headers, litellm)
                 _same_streams(direct, ours, theirs)
                 for label, run in (("direct", direct), ("dsmeter", ours), ("litellm", theirs)):
                     print(_row(label, run))
@@ -214,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                 paced_headers = {**headers, "X-Simulator-Output-Tokens": "100", "X-Simulator-Chunk-Delay-Ms": f"{delay_ms:g}"}
                 direct = measure("direct", sim_url, 100, 200, _body("deepseek-v4-flash"), paced_headers, None)
                 ours = measure("dsmeter", dsmeter_url, 100, 200, _body("deepseek-v4-flash"), paced_headers, dsmeter)
-                theirs = measure("litellm", litellm.url, 100, 200, _body("bench-paced"), {**paced_headers, **their_headers}, litellm)  # type: ignore[arg-type]
+                theirs = measure("litellm", litellm.url, 100, 200, _body("bench-paced"), {**paced_headers, **their_headers}, litellm)
                 _same_streams(direct, ours, theirs)
                 base = direct.pct("ttfb", 50) * 1000
                 print(f"\npaced: 100 concurrent streams, 100 chunks {delay_ms:g} ms apart; TTFB p50: direct {base:.1f} ms, "

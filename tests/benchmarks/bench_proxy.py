@@ -47,7 +47,26 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # -- processes -----------------------------------------------------------------------------------
 
 
-class Child:
+class Server:
+    """A server process of the benchmark: its CPU time (workers included) and a clean stop."""
+
+    process: subprocess.Popen[str]
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this process and all its descendants still running (the proxy's workers)."""
+        return sum(_proc_cpu(pid) for pid in _descendants(self.process.pid))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class Child(Server):
     """A child process that prints ``http://host:port`` on its first line of stdout when ready."""
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
@@ -74,19 +93,6 @@ class Child:
                 threading.Thread(target=self.process.stdout.read, daemon=True).start()  # keep the pipe drained
                 return self.url
         raise SystemExit(f"{self.process.args!r} did not start:\n{''.join(self._stderr)}")
-
-    def cpu_seconds(self) -> float:
-        """CPU time of this process and all its descendants still running (the proxy's workers)."""
-        return sum(_proc_cpu(pid) for pid in _descendants(self.process.pid))
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 def _proc_cpu(pid: int) -> float:
@@ -185,7 +191,7 @@ async def _closed_loop(
 
 
 def measure(target: str, base_url: str, concurrency: int, streams: int, body: bytes, headers: dict[str, str],
-            proxy: Child | None) -> Run:
+            proxy: Server | None) -> Run:
     cpu_before = proxy.cpu_seconds() if proxy else 0.0
     wall, samples = asyncio.run(_closed_loop(base_url, concurrency, streams, body, headers))
     cpu = proxy.cpu_seconds() - cpu_before if proxy else None
