@@ -297,11 +297,18 @@ class StreamAccumulator(_Timings):
         if token and self.first_token_at is None:
             self.first_token_at = at
 
+    def _tool_call(self, key: tuple[int, int]) -> dict[str, Any]:
+        """The merged call at ``key`` (created empty on its first fragment), now the choice's latest."""
+        call = self._tools.get(key)
+        if call is None:
+            # Its arguments are kept apart, in _tool_arguments, and joined by tool_calls.
+            call = self._tools[key] = {"index": key[1], "id": None, "type": None, "function": {"name": ""}}
+        self._last_tool[key[0]] = key
+        return call
+
     def _add_tool_arguments(self, key: tuple[int, int], arguments: _Part) -> None:
         """What ``_add_tool_fragment`` does with a fragment that has an index, arguments and nothing new."""
-        if key not in self._tools:
-            self._tools[key] = {"index": key[1], "id": None, "type": None, "function": {"name": "", "arguments": ""}}
-        self._last_tool[key[0]] = key
+        self._tool_call(key)
         parts = self._tool_arguments.get(key)
         if parts is None:
             self._tool_arguments[key] = [arguments]
@@ -321,11 +328,7 @@ class StreamAccumulator(_Timings):
         else:
             # No index and no new id: a continuation of the choice's latest call.
             key = self._last_tool.get(choice, (choice, position))
-        call = self._tools.get(key)
-        if call is None:
-            call = {"index": key[1], "id": None, "type": None, "function": {"name": "", "arguments": ""}}
-            self._tools[key] = call
-        self._last_tool[choice] = key
+        call = self._tool_call(key)
         if isinstance(call_id, str) and call_id and not call["id"]:
             call["id"] = call_id
         kind = fragment.get("type")
@@ -338,7 +341,7 @@ class StreamAccumulator(_Timings):
                 call["function"]["name"] += name
             arguments = function.get("arguments")
             if isinstance(arguments, str):
-                self._tool_arguments.setdefault(key, []).append(arguments)
+                self._add_tool_arguments(key, arguments)
 
 
 class AnthropicStreamAccumulator(_Timings):

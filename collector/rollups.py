@@ -38,7 +38,6 @@ from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import exc
 from sqlalchemy.engine import Connection, Engine
 
 from collector.models import row_from_record
@@ -99,6 +98,12 @@ def _zero() -> Sums:
 def _add(into: Sums, other: Sums) -> None:
     for name in _MEASURES:
         into[name] += other[name]
+
+
+def _add_each(into: dict[RollupKey, Sums], sums: dict[RollupKey, Sums]) -> None:
+    """Add every key's sums of ``sums`` to ``into`` (keys new to ``into`` start at zero)."""
+    for key, value in sums.items():
+        _add(into.setdefault(key, _zero()), value)
 
 
 def rollup_sums(records: Iterable[UsageRecord]) -> tuple[dict[RollupKey, Sums], dict[str, dict[str, str]]]:
@@ -399,8 +404,7 @@ class RollupHook:
             started = utcnow()
             sums, tag_sets = sums_of_rows(rows)
             merged = {key: dict(value) for key, value in self._pending.items()}
-            for key, value in sums.items():
-                _add(merged.setdefault(key, _zero()), value)
+            _add_each(merged, sums)
             with connection.begin_nested():
                 self._write_in(connection, merged, {**self._pending_tags, **tag_sets}, started, exclusive=False)
             ok = True
@@ -428,8 +432,7 @@ class RollupHook:
             self._lock.release()
 
     def _keep(self, sums: dict[RollupKey, Sums], tag_sets: dict[str, dict[str, str]]) -> None:
-        for key, value in sums.items():
-            _add(self._pending.setdefault(key, _zero()), value)
+        _add_each(self._pending, sums)
         self._pending_tags.update(tag_sets)
 
     def _check_overflow(self, reason: str) -> None:

@@ -412,7 +412,7 @@ class LedgerStore:
             return []
         rows = [row_from_record(record) for record in unique.values()]
         self.ensure_schema()
-        staged = False
+        staged = committed = False
         try:
             with self._engine.connect() as connection:
                 # SQLite: take the write lock first, so the ids we find absent stay absent until we commit.
@@ -430,18 +430,14 @@ class LedgerStore:
                     if companion is not None and added:
                         staged = True
                         companion.stage(connection, [row for row in rows if row["request_id"] in added])
+                committed = True
         except exc.SQLAlchemyError as error:
-            if staged:
-                companion.settle(committed=False)  # type: ignore[union-attr]
             if is_operational_error(error):
                 raise self.unavailable(error, "write to") from None
             raise
-        except BaseException:
-            if staged:
-                companion.settle(committed=False)  # type: ignore[union-attr]
-            raise
-        if staged:
-            companion.settle(committed=True)  # type: ignore[union-attr]
+        finally:
+            if staged and companion is not None:
+                companion.settle(committed)
         return [record for request_id, record in unique.items() if request_id in added]
 
     def _insert_calls_rows(self, connection: Connection, rows: list[dict[str, Any]]) -> set[uuid.UUID]:
