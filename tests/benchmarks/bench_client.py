@@ -47,7 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchutil import REPO, conditions, table, write_json  # noqa: E402
+from benchutil import REPO, Server, callgrind_instructions, conditions, table, write_json  # noqa: E402
 
 KEY = "sk-bench-not-a-real-key"
 
@@ -58,7 +58,7 @@ _SIMULATOR = (
 )
 
 
-class SimulatorProcess:
+class SimulatorProcess(Server):
     """The bundled simulator (``collector.simulator.Simulator``, as ``dsmeter simulate`` runs it) in a child process."""
 
     def __init__(self, env: dict[str, str]) -> None:
@@ -76,15 +76,6 @@ class SimulatorProcess:
         for pipe in (self.process.stderr, self.process.stdout):
             threading.Thread(target=pipe.read, daemon=True).start()  # keep the pipes drained
         return match.group(1).rstrip("/")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 def stream_once(client: Any, chunks: int) -> tuple[float, int]:
@@ -118,17 +109,9 @@ for _ in range(streams + 1):  # the first is a warm-up, also in the zero-stream 
 def instructions_per_stream(url: str, variant: str, chunks: int, streams: int = 2) -> float:
     """Instructions one stream takes in a fresh process under valgrind (startup and a warm-up subtracted)."""
     script = _COUNTED.format(here=str(Path(__file__).resolve().parent))
-    totals = []
-    for n in (0, streams):
-        out = subprocess.run(
-            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c", script,
-             url, variant, str(n), str(chunks)],
-            capture_output=True, text=True, check=False,
-        )
-        match = re.search(r"Collected : (\d+)", out.stderr)
-        if out.returncode != 0 or match is None:
-            raise SystemExit(f"valgrind run failed:\n{out.stderr[-2000:]}")
-        totals.append(int(match.group(1)))
+    totals = [
+        callgrind_instructions([sys.executable, "-c", script, url, variant, str(n), str(chunks)]) for n in (0, streams)
+    ]
     return (totals[1] - totals[0]) / streams
 
 

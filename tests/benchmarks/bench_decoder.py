@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchutil import FIXTURES, conditions, cpu_times, median, table, write_json  # noqa: E402
+from benchutil import FIXTURES, callgrind_instructions, conditions, cpu_times, median, table, write_json  # noqa: E402
 
 from collector.accumulator import StreamAccumulator  # noqa: E402
 from collector.metering import CallMeter, prepare_request  # noqa: E402
@@ -256,17 +254,11 @@ for _ in range(runs + 1):
 def instructions_per_chunk(workload: Workload, contender: str, size: int | None, runs: int = 3) -> float:
     """Instructions per chunk under valgrind: ``runs`` passes minus a process doing none (startup, warm-up)."""
     script = _COUNTED.format(here=str(Path(__file__).resolve().parent))
-    totals = []
-    for n in (0, runs):
-        out = subprocess.run(
-            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c", script,
-             workload.name, contender, "event" if size is None else str(size), str(workload.chunks), str(n)],
-            capture_output=True, text=True, check=False,
-        )
-        match = re.search(r"Collected : (\d+)", out.stderr)
-        if out.returncode != 0 or match is None:
-            raise SystemExit(f"valgrind run failed:\n{out.stderr[-2000:]}")
-        totals.append(int(match.group(1)))
+    reads = "event" if size is None else str(size)
+    totals = [
+        callgrind_instructions([sys.executable, "-c", script, workload.name, contender, reads, str(workload.chunks), str(n)])
+        for n in (0, runs)
+    ]
     return (totals[1] - totals[0]) / runs / workload.chunks
 
 

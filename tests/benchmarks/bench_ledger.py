@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchutil import conditions, table, write_json  # noqa: E402
+from benchutil import conditions, process_cpu, table, write_json  # noqa: E402
 
 MODELS = [("deepseek-v4-flash", "deepseek-v4-flash"), ("deepseek-v4-pro", "deepseek-v4-pro"),
           ("deepseek-chat", "deepseek-v4-flash"), ("deepseek-reasoner", "deepseek-v4-flash")]
@@ -159,14 +159,6 @@ def postgres_bytes(store: Any) -> dict[str, int]:
     return sizes
 
 
-def _proc_cpu(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class ServerCPU:
     """CPU seconds spent by the PostgreSQL backends serving one database (a local server: read from /proc)."""
 
@@ -183,7 +175,7 @@ class ServerCPU:
             pids = conn.execute(sa.text(
                 "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )).scalars().all()
-        return {pid: _proc_cpu(pid) for pid in pids}
+        return {pid: process_cpu(pid) for pid in pids}
 
     def since(self, before: dict[int, float]) -> float | None:
         if not self.local:

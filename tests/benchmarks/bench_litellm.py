@@ -40,8 +40,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_proxy import _SIMULATOR, Child, Run, Server, measure  # noqa: E402
-from benchutil import conditions  # noqa: E402
+from bench_proxy import _SIMULATOR, Child, Run, measure  # noqa: E402
+from benchutil import Server, conditions  # noqa: E402
 
 DEFAULT_VERSION = "1.106.0"
 BODY_MESSAGES = [{"role": "system", "content": "You are terse. " * 40},

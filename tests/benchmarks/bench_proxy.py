@@ -39,31 +39,12 @@ from typing import Any
 
 import aiohttp
 
-HERE = Path(__file__).resolve()
-REPO = HERE.parent.parent.parent
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchutil import REPO, Server  # noqa: E402
 
 
 # -- processes -----------------------------------------------------------------------------------
-
-
-class Server:
-    """A server process of the benchmark: its CPU time (workers included) and a clean stop."""
-
-    process: subprocess.Popen[str]
-
-    def cpu_seconds(self) -> float:
-        """CPU time of this process and all its descendants still running (the proxy's workers)."""
-        return sum(_proc_cpu(pid) for pid in _descendants(self.process.pid))
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 class Child(Server):
@@ -93,31 +74,6 @@ class Child(Server):
                 threading.Thread(target=self.process.stdout.read, daemon=True).start()  # keep the pipe drained
                 return self.url
         raise SystemExit(f"{self.process.args!r} did not start:\n{''.join(self._stderr)}")
-
-
-def _proc_cpu(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
 
 
 # -- load ------------------------------------------------------------------------------------------

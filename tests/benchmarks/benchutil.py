@@ -11,14 +11,19 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REPO", "FIXTURES", "cpu_times", "median", "conditions", "table", "write_json"]
+__all__ = [
+    "REPO", "FIXTURES", "cpu_times", "median", "conditions", "table", "write_json",
+    "process_cpu", "descendants", "Server", "callgrind_instructions",
+]
 
 REPO = Path(__file__).resolve().parent.parent.parent
 FIXTURES = REPO.parent / "shared" / "fixtures" / "deepseek"
@@ -72,3 +77,64 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def write_json(path: str | None, payload: dict[str, Any]) -> None:
     if path:
         Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used, read from /proc; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it that is still running."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+class Server:
+    """A server process a benchmark started: its CPU time (workers included) and a clean stop."""
+
+    process: subprocess.Popen[str]
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this process and all its descendants still running (a proxy's workers)."""
+        return sum(process_cpu(pid) for pid in descendants(self.process.pid))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def callgrind_instructions(argv: list[str]) -> int:
+    """Instructions ``argv`` executes under valgrind's callgrind (repeatable whatever the machine's load)."""
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv],
+        capture_output=True, text=True, check=False,
+    )
+    match = re.search(r"Collected : (\d+)", out.stderr)
+    if out.returncode != 0 or match is None:
+        raise SystemExit(f"valgrind run failed:\n{out.stderr[-2000:]}")
+    return int(match.group(1))
