@@ -74,9 +74,13 @@ class Upstream:
         """``scheme://host[:port]``: what the ledger's ``upstream`` column records."""
         return f"{self.scheme}://{self.host}" + (f":{self.port}" if self.port is not None else "")
 
+    def path_for(self, target: str) -> str:
+        """The request target sent upstream for one that passed ``checked_target`` (encoded, as received)."""
+        return self.base_path + target
+
     def url_for(self, target: str) -> str:
-        """The upstream URL for a target that passed ``checked_target`` (encoded, as received)."""
-        return self.origin + self.base_path + target
+        """The upstream URL the request goes to: the origin and ``path_for(target)``."""
+        return self.origin + self.path_for(target)
 
 
 def parse_upstream(url: str) -> Upstream:
