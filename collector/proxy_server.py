@@ -30,13 +30,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from collector.errors import UsageError
+from collector.event_loop import run as run_loop
 from collector.proxy import ProxyApp, ProxyConfig, Sink
 from collector.proxy_metrics import MetricsExchange
 from collector.proxy_wire import ClientConnection, Connections
@@ -45,7 +46,7 @@ from collector.record import UsageRecord
 if TYPE_CHECKING:
     from collector.writer import LedgerWriter
 
-__all__ = ["run_proxy", "serve", "run_loop", "bind_socket", "configure_logging", "ProxyThread", "Stopper"]
+__all__ = ["run_proxy", "serve", "bind_socket", "configure_logging", "ProxyThread", "Stopper"]
 
 log = logging.getLogger("dsmeter.proxy")
 
@@ -76,22 +77,6 @@ def configure_logging(verbose: bool = False) -> None:
         logger.handlers[:] = [handler]
         logger.setLevel(logging.DEBUG if verbose else logging.INFO)
         logger.propagate = False
-
-
-def run_loop(main: Coroutine[Any, Any, None]) -> None:
-    """Run ``main`` on a new event loop: uvloop's where it is installed, else asyncio's own.
-
-    uvloop (libuv, in C) makes each socket read and write cheaper, and those are most of what
-    a proxy does per chunk; the proxy behaves the same on either loop.
-    """
-    try:
-        import uvloop
-    except ImportError:  # not built for this platform (Windows): the standard loop does the same job
-        factory = None
-    else:
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main)
 
 
 def bind_socket(host: str, port: int, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:

@@ -50,6 +50,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from collector import event_loop
 from collector.errors import UsageError
 from collector.simulator_anthropic import (
     IN_STREAM_ERROR as ANTHROPIC_IN_STREAM_ERROR,
@@ -389,7 +390,7 @@ class Simulator:
         if self._thread is not None:
             raise RuntimeError("the simulator is already running")
         sock = _bind(self.host, self.port)
-        loop = asyncio.new_event_loop()
+        loop = event_loop.new_event_loop()
         ready = threading.Event()
         failure: list[BaseException] = []
 
@@ -456,7 +457,7 @@ class Simulator:
                     loop.remove_signal_handler(signum)
                 await self._close()
 
-        asyncio.run(main())
+        event_loop.run(main())
 
     # ----- the log -----------------------------------------------------------------------
 

@@ -228,8 +228,13 @@ def parse_chat_request(body: Any) -> ChatRequest:
     )
 
 
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_ENCODE_STRING = json.encoder.encode_basestring  # C; what the encoder above does with a str
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    """``json.dumps(value, ensure_ascii=False, separators=(",", ":"))``, without building an encoder per call."""
+    return _ENCODE_STRING(value) if type(value) is str else _ENCODE(value)
 
 
 class ChatRenderer:

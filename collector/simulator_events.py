@@ -9,7 +9,7 @@ from typing import Any
 __all__ = ["Event", "Rejection"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen init costs a setattr call per field, per chunk
 class Event:
     """One server-sent event before framing.
 

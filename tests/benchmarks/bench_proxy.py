@@ -12,7 +12,7 @@ simulator and through the proxy, in the same run. For each it reports:
 - a paced run: 100 concurrent streams at a realistic token rate, and the cores the proxy
   actually used for them.
 
-The load generator (aiohttp client), the simulator and the proxy share this machine's
+The load generator (``loadgen.py``, a lean httptools client), the simulator and the proxy share this machine's
 cores, so absolute figures depend on the machine; the direct runs are the baseline.
 
     python tests/benchmarks/bench_proxy.py                 # the full run (about a minute)
@@ -23,7 +23,6 @@ cores, so absolute figures depend on the machine; the direct runs are the baseli
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import re
@@ -37,11 +36,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchutil import REPO, Server  # noqa: E402
+from loadgen import Sample, closed_loop  # noqa: E402
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -80,13 +78,6 @@ class Child(Server):
 
 
 @dataclass
-class Sample:
-    ttfb: float  # seconds from sending the request to the first byte of the body
-    ttlb: float  # ... to the last byte
-    chunks: int
-
-
-@dataclass
 class Run:
     target: str  # "direct" | "proxy"
     concurrency: int
@@ -109,47 +100,10 @@ class Run:
         return self.streams / self.wall_seconds
 
 
-async def _one_stream(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]) -> Sample:
-    started = time.perf_counter()
-    first = None
-    chunks = 0
-    async with session.post(url, data=body, headers=headers) as response:
-        if response.status != 200:
-            raise SystemExit(f"{url}: HTTP {response.status}: {await response.text()}")
-        async for data in response.content.iter_any():
-            if first is None:
-                first = time.perf_counter()
-            chunks += data.count(b"data: ")
-    ended = time.perf_counter()
-    return Sample(ttfb=(first or ended) - started, ttlb=ended - started, chunks=chunks)
-
-
-async def _closed_loop(
-    base_url: str, concurrency: int, streams: int, body: bytes, headers: dict[str, str]
-) -> tuple[float, list[Sample]]:
-    url = base_url + "/chat/completions"
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
-        # Warm the connection pool so connects are not measured as streaming.
-        await asyncio.gather(*[_one_stream(session, url, body, headers) for _ in range(concurrency)])
-        remaining = streams
-        samples: list[Sample] = []
-
-        async def worker() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                samples.append(await _one_stream(session, url, body, headers))
-
-        started = time.perf_counter()
-        await asyncio.gather(*[worker() for _ in range(concurrency)])
-        return time.perf_counter() - started, samples
-
-
 def measure(target: str, base_url: str, concurrency: int, streams: int, body: bytes, headers: dict[str, str],
             proxy: Server | None) -> Run:
     cpu_before = proxy.cpu_seconds() if proxy else 0.0
-    wall, samples = asyncio.run(_closed_loop(base_url, concurrency, streams, body, headers))
+    wall, samples = closed_loop(base_url + "/chat/completions", concurrency, streams, body, headers)
     cpu = proxy.cpu_seconds() - cpu_before if proxy else None
     return Run(target, concurrency, streams, wall, samples, cpu)
 
