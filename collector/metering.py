@@ -184,12 +184,35 @@ def prepare_request(method: str, path: str, body: bytes) -> PreparedCall:
     if endpoint is Endpoint.CHAT_COMPLETIONS and call.stream:
         options = parsed.get("stream_options")
         if not (isinstance(options, Mapping) and options.get("include_usage") is True):
-            new_options = dict(options) if isinstance(options, Mapping) else {}
-            new_options["include_usage"] = True
-            parsed = {**parsed, "stream_options": new_options}
-            call.body = json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
+            spliced = _with_first_key(body, _INCLUDE_USAGE) if "stream_options" not in parsed else None
+            if spliced is not None:
+                call.body = spliced
+            else:
+                new_options = dict(options) if isinstance(options, Mapping) else {}
+                new_options["include_usage"] = True
+                parsed = {**parsed, "stream_options": new_options}
+                call.body = json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
             call.include_usage_injected = True
     return call
+
+
+_INCLUDE_USAGE = b'"stream_options":{"include_usage":true}'
+_JSON_SPACE = b" \t\r\n"
+
+
+def _with_first_key(body: bytes, member: bytes) -> bytes | None:
+    """``body`` (a JSON object without that key) with ``member`` inserted as its first member.
+
+    Every other byte stays the client's: no re-serialising a long prompt (a 400 KB body took
+    milliseconds to dump again), no change to its number formats or escapes. None when the
+    body does not start like a UTF-8 JSON object; the caller then re-serialises.
+    """
+    start = len(body) - len(body.lstrip(_JSON_SPACE))
+    if body[start : start + 1] != b"{":
+        return None
+    rest = body[start + 1 :]
+    separator = b"" if rest.lstrip(_JSON_SPACE)[:1] == b"}" else b","
+    return body[: start + 1] + member + separator + rest
 
 
 def meter_for(

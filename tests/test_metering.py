@@ -68,6 +68,16 @@ def test_streamed_chat_request_gets_include_usage_injected_and_keeps_other_field
     assert call.requested_model == "deepseek-v4-flash"
 
 
+def test_injecting_include_usage_keeps_every_byte_the_client_sent() -> None:
+    # The client's own formatting (spaces, escapes, number forms) must survive: only the
+    # stream_options member is added, in front, and the body is not serialised again.
+    original = b'  {"model": "deepseek-v4-flash", "stream": true, "temperature": 1E-1,\n "messages": [{"role": "user", "content": "caf\\u00e9 \\ud83d\\ude00"}]}'
+    call = prepare_request("POST", CHAT, original)
+    assert call.include_usage_injected
+    assert call.body == b'  {"stream_options":{"include_usage":true},' + original[3:]
+    assert json.loads(call.body) == {**json.loads(original), "stream_options": {"include_usage": True}}
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body"),
     [
