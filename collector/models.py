@@ -209,7 +209,8 @@ class Call(Base):
         Index("ix_calls_requested_model_started_at", "requested_model", "started_at"),
         Index("ix_calls_status", "status"),
         Index("ix_calls_key_fingerprint", "key_fingerprint"),
-        Index("ix_calls_provider_request_id", "provider_request_id"),
+        # No index on provider_request_id (migration 0005): nothing reads calls by it, and its
+        # random values made it the costliest index to write.
     )
 
 

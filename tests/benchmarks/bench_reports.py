@@ -53,7 +53,6 @@ CALL_INDEXES = [
     ("ix_calls_requested_model_started_at", "requested_model, started_at"),
     ("ix_calls_status", "status"),
     ("ix_calls_key_fingerprint", "key_fingerprint"),
-    ("ix_calls_provider_request_id", "provider_request_id"),
 ]
 
 
