@@ -9,6 +9,10 @@ straight to the simulator, through dsmeter and through LiteLLM:
 
 - closed loop at 1, 10 and 100 concurrent streams of ``--output-tokens`` chunks: streams
   per second, time to first and last byte (p50, p99), and dsmeter's streams/s over LiteLLM's;
+- each proxy's CPU time per stream (all its processes, from /proc), and so the streams per
+  second one core of it carries. The closed loop shares the machine's cores among the load
+  generator, the simulator and the proxy, so once a proxy is cheap its streams/s measures
+  the other two; CPU per stream is what the proxy itself costs, whatever else runs;
 - paced: 100 concurrent streams of 100 chunks 20 ms apart (a realistic generation), time to
   first byte p50 of each, and what each proxy adds to the direct figure.
 
@@ -129,6 +133,10 @@ def _same_streams(*runs: Run) -> None:
         raise SystemExit(f"the targets streamed different answers (events per stream: {per_stream}); not comparable")
 
 
+def _cpu_per_stream(run: Run) -> float:
+    return (run.proxy_cpu_seconds or 0.0) / run.streams
+
+
 def _body(model: str) -> bytes:
     return json.dumps({"model": model, "stream": True, "messages": BODY_MESSAGES}).encode()
 
@@ -195,9 +203,14 @@ def main(argv: list[str] | None = None) -> int:
                 for label, run in (("direct", direct), ("dsmeter", ours), ("litellm", theirs)):
                     print(_row(label, run))
                 ratio = ours.streams_per_second / theirs.streams_per_second
-                print(f"      dsmeter/litellm streams/s: {ratio:.1f}x", flush=True)
+                our_cpu, their_cpu = _cpu_per_stream(ours), _cpu_per_stream(theirs)
+                print(f"      dsmeter/litellm streams/s: {ratio:.1f}x;  CPU per stream: dsmeter {our_cpu * 1000:.2f} ms, "
+                      f"litellm {their_cpu * 1000:.1f} ms: {their_cpu / our_cpu:.1f}x (streams/s per core "
+                      f"{1 / our_cpu:.0f} vs {1 / their_cpu:.1f})", flush=True)
                 results.append({"concurrency": level, "direct": _figures(direct), "dsmeter": _figures(ours),
-                                "litellm": _figures(theirs), "dsmeter_over_litellm_streams_per_second": ratio})
+                                "litellm": _figures(theirs), "dsmeter_over_litellm_streams_per_second": ratio,
+                                "cpu_seconds_per_stream": {"dsmeter": our_cpu, "litellm": their_cpu},
+                                "litellm_over_dsmeter_cpu_per_stream": their_cpu / our_cpu})
             out: dict[str, Any] = {"runs": results}
             if not args.no_paced:
                 paced_headers = {**headers, "X-Simulator-Output-Tokens": "100", "X-Simulator-Chunk-Delay-Ms": f"{delay_ms:g}"}

@@ -44,6 +44,7 @@ class _Connection(asyncio.Protocol):
         self._tail = b""
         self._status = 0
         self._error = b""
+        self.reusable = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
@@ -82,6 +83,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         ended = time.perf_counter()
+        self.reusable = self._parser.should_keep_alive()
         done = self._done
         if done is None or done.done():
             return
@@ -92,6 +94,7 @@ class _Connection(asyncio.Protocol):
                                chunks=self._events))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.reusable = False
         if self._done is not None and not self._done.done():
             self._done.set_exception(ConnectionError(f"the connection closed mid-response ({exc})"))
 
@@ -112,21 +115,30 @@ def _request(url: str, body: bytes, headers: dict[str, str]) -> tuple[str, int, 
 async def _run(url: str, concurrency: int, streams: int, body: bytes, headers: dict[str, str]) -> tuple[float, list[Sample]]:
     host, port, payload = _request(url, body, headers)
     loop = asyncio.get_running_loop()
-    connections = [(await loop.create_connection(_Connection, host, port))[1] for _ in range(concurrency)]
+
+    async def connect() -> _Connection:
+        return (await loop.create_connection(_Connection, host, port))[1]
+
+    connections = [await connect() for _ in range(concurrency)]
     try:
         # One stream per connection first, so connecting and warming up are not measured.
         await asyncio.gather(*(conn.send(payload) for conn in connections))
         remaining = streams
         samples: list[Sample] = []
 
-        async def worker(conn: _Connection) -> None:
+        async def worker(slot: int) -> None:
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
-                samples.append(await conn.send(payload))
+                began = time.perf_counter()
+                if not connections[slot].reusable:  # the server closed it: a client reconnects, and waits for that
+                    connections[slot] = await connect()
+                sample = await connections[slot].send(payload)
+                waited = connections[slot]._started - began
+                samples.append(Sample(sample.ttfb + waited, sample.ttlb + waited, sample.chunks))
 
         started = time.perf_counter()
-        await asyncio.gather(*(worker(conn) for conn in connections))
+        await asyncio.gather(*(worker(slot) for slot in range(concurrency)))
         return time.perf_counter() - started, samples
     finally:
         for conn in connections:
