@@ -157,6 +157,7 @@ class ProxyApp:
 
     def _reject(self, response: Response, status: int, message: str, code: str) -> None:
         self.metrics.rejected(status)
+        response.close_after()  # a client that sent this may not be speaking HTTP to us as we think (a CONNECT)
         response.send(status, error_body(status, message, code), "application/json")
 
     async def _handle(self, request: Request, response: Response) -> None:
@@ -252,7 +253,7 @@ class ProxyApp:
                     if out:
                         write(out)
 
-            response.on_pause, response.on_resume = exchange.pause, exchange.resume
+            response.relay_flow(exchange.pause, exchange.resume)
             if not exchange.complete:
                 await exchange.stream(relay)
             if meter is not None:

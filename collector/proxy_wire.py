@@ -113,9 +113,15 @@ class Response:
         self.started = False
         self.finished = False
         self.status = 0
-        # Set by a handler that relays a body: called when the client cannot keep up, and when it can again.
+        # Set by a handler that relays a body (``relay_flow``): the client cannot keep up, and can again.
         self.on_pause: Callable[[], None] | None = None
         self.on_resume: Callable[[], None] | None = None
+
+    def relay_flow(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
+        """Have the source of the body paused while the client cannot keep up (and already, if it cannot now)."""
+        self.on_pause, self.on_resume = pause, resume
+        if self._conn.write_paused:
+            pause()
 
     def close_after(self) -> None:
         """Close the connection once this response is sent (its request body may be unread)."""
@@ -268,7 +274,7 @@ class ClientConnection(asyncio.Protocol):
         self._held = bytearray()  # bytes received while a request is handled
         self._refusal: _Refused | None = None  # a parse error to answer once the queue is done
         self._read_paused = False
-        self._write_paused = False
+        self.write_paused = False
         self._lost = False
         self._discarding = False  # refused: what the client still sends is read and dropped
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -316,13 +322,13 @@ class ClientConnection(asyncio.Protocol):
             self._task.cancel()  # the client went away: stop the upstream call now
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.write_paused = True
         response = self._response
         if response is not None and response.on_pause is not None:
             response.on_pause()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self.write_paused = False
         response = self._response
         if response is not None and response.on_resume is not None:
             response.on_resume()
@@ -338,8 +344,11 @@ class ClientConnection(asyncio.Protocol):
             self._head_len += len(data)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._refusal = self._refusal or _Refused(400, "protocol upgrades are not supported")
+        except httptools.HttpParserUpgrade as upgrade:
+            # A request asked to switch protocols (curl's "Upgrade: h2c", a CONNECT). The request
+            # itself is complete and queued; it is answered in HTTP/1.1 (a CONNECT's target is
+            # refused), never upgraded. What followed it is parsed as the next request.
+            self._held[:0] = data[upgrade.args[0] :]
         except httptools.HttpParserError as error:
             if self._refusal is None:
                 cause = error.__context__

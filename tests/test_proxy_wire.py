@@ -206,6 +206,33 @@ def _read_response_to_head(sock: socket.socket, buffered: bytearray) -> tuple[by
     return status.encode(), {n.lower(): v.strip() for n, _, v in (line.partition(":") for line in lines)}, b""
 
 
+def test_an_upgrade_request_is_answered_in_http_1_1_and_the_upgrade_never_forwarded(start_proxy: Any) -> None:
+    # curl --http2 on an http:// URL asks for h2c this way; the answer must still come, in HTTP/1.1.
+    upstream = ScriptedUpstream(lambda request: _ok(b'{"seen":%d}' % request.lower().count(b"upgrade")))
+    with upstream:
+        proxy, _ = start_proxy(upstream.url)
+        with socket.create_connection(_address(proxy.base_url), timeout=10) as sock:
+            sock.sendall(b"GET /models HTTP/1.1\r\nHost: proxy\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                         b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+                         b"GET /models HTTP/1.1\r\nHost: proxy\r\n\r\n")
+            buffered = bytearray()
+            answers = [_read_response(sock, buffered) for _ in range(2)]
+        assert [status.split(b" ")[1] for status, _, _ in answers] == [b"200", b"200"]
+        assert [json.loads(body) for _, _, body in answers] == [{"seen": 0}, {"seen": 0}]
+
+
+def test_a_connect_request_is_refused_and_its_connection_closed(start_proxy: Any) -> None:
+    with Simulator(seed=11) as sim:
+        proxy, _ = start_proxy(sim.base_url)
+        with socket.create_connection(_address(proxy.base_url), timeout=10) as sock:
+            sock.sendall(b"CONNECT api.deepseek.com:443 HTTP/1.1\r\nHost: api.deepseek.com:443\r\n\r\n\x16\x03\x01")
+            status, headers, body = _read_response(sock, bytearray())
+            assert status.split(b" ")[1] == b"400" and headers.get("connection") == "close"
+            assert json.loads(body)["error"]["code"] == "invalid_request_target"
+            assert sock.recv(65536) == b""  # closed: the bytes meant for a tunnel are never read as HTTP
+        assert sim.calls == []
+
+
 @pytest.mark.parametrize(
     ("head", "status"),
     [
