@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import threading
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from collector.errors import DatabaseUnavailable, UsageError
-from collector.models import Call, CallTag, record_from_row
+from collector.models import Call, CallTag, record_from_row, row_from_record
 from collector.record import Status, UsageRecord
 from collector.store import LedgerStore, database_identity, head_revision
 
@@ -112,6 +113,49 @@ def test_insert_new_returns_only_the_records_it_added(db_url: str) -> None:
     old, new = _record(1), _record(2)
     store.insert([old])
     assert [r.request_id for r in store.insert_new([old, new])] == [new.request_id]
+    store.close()
+
+
+@pytest.mark.parametrize("other_commits", [True, False], ids=["other-commits", "other-rolls-back"])
+def test_a_call_another_writer_is_committing_meanwhile_is_added_exactly_once(db_url: str, other_commits: bool) -> None:
+    # The fast path (PostgreSQL: COPY; SQLite: a row count) meets a row another transaction
+    # holds uncommitted: it waits for it, then adds the call only if that transaction did not.
+    store = LedgerStore(db_url)
+    store.ensure_schema()
+    theirs, ours = _record(1), _record(2)
+    other = store.engine.connect()
+    other.execution_options(dsmeter_sqlite_begin="BEGIN IMMEDIATE")
+    transaction = other.begin()
+    other.execute(sa.insert(Call), [row_from_record(theirs)])
+    added: list[list[UsageRecord]] = []
+    writer = threading.Thread(target=lambda: added.append(store.insert_new([theirs, ours])))
+    writer.start()
+    writer.join(0.5)
+    assert writer.is_alive()  # waiting on the other transaction, not skipping past it
+    transaction.commit() if other_commits else transaction.rollback()
+    other.close()
+    writer.join(30)
+    expected = [ours] if other_commits else [theirs, ours]
+    assert [r.request_id for r in added[0]] == [r.request_id for r in expected]
+    assert _count(store, Call) == 2
+    assert _count(store, CallTag) == 2 * len(expected)  # ours wrote tags only for the calls it added
+    store.close()
+
+
+def test_a_tag_row_left_without_its_call_does_not_keep_the_call_out(postgres_url: str) -> None:
+    # On PostgreSQL call_tags has no foreign key (calls is partitioned), so a stray tag row can
+    # exist; the COPY of the batch's tags then fails on it and the insert must fall back, not refuse.
+    store = LedgerStore(postgres_url)
+    store.ensure_schema()
+    record = _record(1)
+    with store.engine.begin() as connection:
+        connection.execute(sa.insert(CallTag), [{"request_id": record.request_id, "key": "team", "value": "stray"}])
+    assert store.insert_isolating([record]) == ([record], [])
+    with store.session() as session:
+        assert session.get(Call, record.request_id) is not None
+        assert {key: value for key, value in session.execute(sa.select(CallTag.key, CallTag.value))} == {
+            "team": "stray", "env": "prod"
+        }
     store.close()
 
 
