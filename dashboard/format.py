@@ -7,6 +7,7 @@ passed through float. Only chart code turns money into floats, and only to draw 
 
 from __future__ import annotations
 
+import re
 from decimal import ROUND_HALF_UP, Decimal
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "percent",
     "milliseconds",
     "signed_percent",
+    "markdown_text",
 ]
 
 # Currencies the price book can bill in get their symbol in front; anything else gets its
@@ -124,3 +126,13 @@ def milliseconds(value: float | None) -> str:
     if value >= 10_000:
         return f"{value / 1000:,.1f} s"
     return f"{value:,.0f} ms"
+
+
+# What Streamlit's Markdown would read as markup in a figure or a label: emphasis, links, code,
+# HTML, headings, tables, "$...$" (LaTeX) and ":name[...]" / ":emoji:" (its directives).
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]{}<>#|$~:])")
+
+
+def markdown_text(text: str) -> str:
+    """``text`` escaped for Streamlit's Markdown, so ``$908.84`` shows as money, not as the start of LaTeX."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)

@@ -67,3 +67,11 @@ def test_counts_percentages_and_durations_read_like_a_person_writes_them() -> No
     assert fmt.signed_percent(None) == "—"
     assert fmt.milliseconds(850.4) == "850 ms"
     assert fmt.milliseconds(12_400) == "12.4 s"
+
+
+def test_markdown_text_escapes_what_streamlit_would_read_as_latex_links_or_directives() -> None:
+    # Two dollar amounts in one Markdown element would otherwise be typeset as LaTeX between them.
+    assert fmt.markdown_text("$908.84 + $1.00") == r"\$908.84 + \$1.00"
+    assert fmt.markdown_text(":red[x] *y* [z](w) <b>") == r"\:red\[x\] \*y\* \[z\](w) \<b\>"
+    plain = "Spend, Nov 05 – Dec 04 · 70.2% · ¥12.50 · 3.10 EUR · 1.63B"
+    assert fmt.markdown_text(plain) == plain

@@ -1,4 +1,9 @@
-"""Overview: spend today, this month and the month-end forecast; where the money went, day by day."""
+"""Overview: spend today, this month and the month-end forecast; where the money went, day by day.
+
+The figures go first and are drawn with ``views.figures``: they paint without waiting for any
+front-end code to load. The charts, whose Vega code is the heaviest thing the browser fetches,
+come after them.
+"""
 
 from __future__ import annotations
 
@@ -14,32 +19,34 @@ overview = data.headline(picked)
 days = (picked.start, picked.end)
 
 for currency in overview.currencies:
-    figures = overview.money[currency]
+    money = overview.money[currency]
     suffix = f" ({currency})" if len(overview.currencies) > 1 else ""
-    today, month, forecast, spend = st.columns(4)
-    today.metric(f"Spend today{suffix}", fmt.money(figures.today, currency))
-    month.metric(f"This month{suffix}", fmt.money(figures.month_to_date, currency))
-    forecast.metric(
-        f"Month-end forecast{suffix}", fmt.money(figures.forecast, currency),
-        help=f"As of the start of today (UTC): the month's spend on its complete days plus the mean daily "
-             f"spend of the last {data.RUN_RATE_DAYS} complete days for each day left, today included.",
-    )
-    spend.metric(
-        f"Spend, {picked.start:%b %d} – {picked.end:%b %d}{suffix}", fmt.money(figures.in_range, currency),
-        help="Total of the calls matching the filters, in the selected dates.",
-    )
+    views.figures([
+        views.Figure(f"Spend today{suffix}", fmt.money(money.today, currency)),
+        views.Figure(f"This month{suffix}", fmt.money(money.month_to_date, currency)),
+        views.Figure(
+            f"Month-end forecast{suffix}", fmt.money(money.forecast, currency),
+            help=f"As of the start of today (UTC): the month's spend on its complete days plus the mean daily "
+                 f"spend of the last {data.RUN_RATE_DAYS} complete days for each day left, today included.",
+        ),
+        views.Figure(
+            f"Spend, {picked.start:%b %d} – {picked.end:%b %d}{suffix}", fmt.money(money.in_range, currency),
+            help="Total of the calls matching the filters, in the selected dates.",
+        ),
+    ])
 
-calls, errors, cancels, ratio, saved = st.columns(5)
-calls.metric("Calls", fmt.count(overview.calls))
-errors.metric("Errors", fmt.count(overview.errors), help="Calls that ended with an error status.")
-cancels.metric("Cancelled", fmt.count(overview.cancels), help="Calls the caller closed early.")
-ratio.metric("Cache-hit ratio", fmt.percent(overview.cache_hit_ratio),
-             help="Cache-hit prompt tokens as a share of all prompt tokens.")
-saved.metric(
-    "Saved by the cache",
-    " + ".join(fmt.money(amount, currency) for currency, amount in overview.cache_saved.items()) or "—",
-    help="What the cache-hit tokens would have cost at the cache-miss price, minus what they cost.",
-)
+views.figures([
+    views.Figure("Calls", fmt.count(overview.calls)),
+    views.Figure("Errors", fmt.count(overview.errors), help="Calls that ended with an error status."),
+    views.Figure("Cancelled", fmt.count(overview.cancels), help="Calls the caller closed early."),
+    views.Figure("Cache-hit ratio", fmt.percent(overview.cache_hit_ratio),
+                 help="Cache-hit prompt tokens as a share of all prompt tokens."),
+    views.Figure(
+        "Saved by the cache",
+        " + ".join(fmt.money(amount, currency) for currency, amount in overview.cache_saved.items()) or "—",
+        help="What the cache-hit tokens would have cost at the cache-miss price, minus what they cost.",
+    ),
+])
 st.caption(
     f"Tokens billed: {fmt.tokens(overview.tokens['cache_hit'])} cache hit · "
     f"{fmt.tokens(overview.tokens['cache_miss'])} cache miss · {fmt.tokens(overview.tokens['output'])} output "
