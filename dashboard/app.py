@@ -1,9 +1,10 @@
 """DeepSeek Meter dashboard: the frame and the router (``dsmeter dashboard`` runs this file).
 
 The frame opens the ledger read-only, answers "can it be read at all?" with one clear
-screen when it cannot, draws the shared filters in the sidebar, and hands over to the page
-the reader picked. Pages only draw; their data comes from ``dashboard.data`` (cached loaders
-over ``collector.queries``).
+screen when it cannot, keeps the shared filters' place in the sidebar, and hands over to the
+page the reader picked. The page has the filters drawn once its headline is out (the overview
+after its figures, so they paint first), the frame after the page otherwise. Pages only
+draw; their data comes from ``dashboard.data`` (cached loaders over ``collector.queries``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ if probe.state in (LedgerState.UNREACHABLE, LedgerState.OUTDATED):
     st.stop()
 
 try:
-    views.sidebar_filters(probe)
+    views.reserve_filters(probe)
     navigation = st.navigation(
         [
             st.Page("app_pages/overview.py", title="Overview", icon=":material/monitoring:", default=True),
@@ -35,6 +36,7 @@ try:
     )
     views.sidebar_footer(probe)
     navigation.run()
+    views.draw_filters()  # for a page that did not draw them itself
 except DATABASE_ERRORS as error:
     # The ledger went away after the last probe (a restart, a dropped connection): one message,
     # and the next run probes again instead of trusting the cached "ready".

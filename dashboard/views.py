@@ -5,22 +5,35 @@ Nothing here reads the ledger directly: choices for the filters come from ``dash
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 
 import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
 
 from dashboard import data
 from dashboard import format as fmt
 from dashboard.engine import LedgerState, Probe
 from dashboard.selection import ALL_TAGS, Selection
 
-__all__ = ["Figure", "database_problem", "empty_state", "figures", "sidebar_filters", "sidebar_footer", "selection",
-           "require_calls"]
+__all__ = [
+    "Figure",
+    "database_problem",
+    "draw_filters",
+    "empty_state",
+    "figures",
+    "require_calls",
+    "reserve_filters",
+    "selection",
+    "sidebar_footer",
+]
 
-_SELECTION_KEY = "dsmeter_selection"
 DEFAULT_DAYS = 30
+# The filter widgets' keys: their state is the selection (see ``selection``).
+KEY_DATES, KEY_MODELS, KEY_STATUSES, KEY_TAG, KEY_TAG_VALUES = (
+    "filter_dates", "filter_models", "filter_statuses", "filter_tag_key", "filter_tag_values")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +95,11 @@ The What-if and Prices pages work without any recorded calls.
 
 
 def require_calls() -> None:
-    """For pages that show recorded calls: draw the empty state and stop when there are none."""
+    """For pages that show recorded calls: draw the empty state (and the filters) and stop when there are none."""
     probe = data.ledger_probe()
     if probe.state is not LedgerState.READY:
         empty_state(probe)
+        draw_filters()
         st.stop()
 
 
@@ -93,38 +107,51 @@ def _today() -> date:
     return data.now().date()
 
 
-def sidebar_filters(probe: Probe) -> None:
-    """Date range, model, status and any tag key: drawn once by the frame, read by every page."""
-    with st.sidebar:
-        st.header("Filters")
-        today = _today()
-        picked = st.date_input(
-            "Dates (UTC)",
-            value=(today - timedelta(days=DEFAULT_DAYS - 1), today),
-            max_value=today + timedelta(days=1),
-            key="filter_dates",
-        )
-        start, end = _date_pair(picked, today)
-        models: tuple[str, ...] = ()
-        statuses: tuple[str, ...] = ()
-        tag_key = ALL_TAGS
-        tag_values: tuple[str, ...] = ()
-        if probe.state is LedgerState.READY:
-            choices = data.filter_choices()
-            models = tuple(st.multiselect("Model", choices.models, key="filter_models", placeholder="All models"))
-            statuses = tuple(
-                st.multiselect("Status", choices.statuses, key="filter_statuses", placeholder="All statuses")
-            )
-            keys = [ALL_TAGS, *choices.tag_values]
-            tag_key = st.selectbox("Tag", keys, key="filter_tag_key", format_func=_tag_label)
-            if tag_key != ALL_TAGS:
-                tag_values = tuple(
-                    st.multiselect(f"{tag_key} is", choices.tag_values.get(tag_key, ()), key="filter_tag_values",
-                                   placeholder=f"Any {tag_key}")
-                )
-    st.session_state[_SELECTION_KEY] = Selection(
-        start=start, end=end, models=models, statuses=statuses, tag_key=tag_key, tag_values=tag_values
-    )
+# The sidebar place the frame keeps for the filters in this script run (Streamlit runs each
+# session's script on its own thread; the frame sets this at the start of every run).
+_run = threading.local()
+
+
+def reserve_filters(probe: Probe) -> None:
+    """The frame's first step: keep the filters' place at the top of the sidebar, to be filled by ``draw_filters``."""
+    _run.pending = (st.sidebar.container(), probe)
+
+
+def draw_filters() -> None:
+    """Draw the sidebar filters in the place the frame kept: once per run, later calls do nothing.
+
+    A page calls this when its headline is out; the frame calls it after the page, for a page
+    that did not. The overview calls it after its figures, so the browser paints them before
+    it fetches and starts the date picker's and the lists' code. Pages read the filters with
+    ``selection``, which does not depend on the widgets being drawn yet.
+    """
+    pending = getattr(_run, "pending", None)
+    if pending is None:
+        return
+    _run.pending = None
+    slot, probe = pending
+    with slot:
+        _sidebar_filters(probe)
+
+
+def _sidebar_filters(probe: Probe) -> None:
+    """Date range, model, status and any tag key: the widgets whose state ``selection`` reads."""
+    st.header("Filters")
+    today = _today()
+    st.date_input("Dates (UTC)", value=_default_dates(today), max_value=today + timedelta(days=1), key=KEY_DATES)
+    if probe.state is not LedgerState.READY:
+        return
+    choices = data.filter_choices()
+    st.multiselect("Model", choices.models, key=KEY_MODELS, placeholder="All models")
+    st.multiselect("Status", choices.statuses, key=KEY_STATUSES, placeholder="All statuses")
+    tag_key = st.selectbox("Tag", [ALL_TAGS, *choices.tag_values], key=KEY_TAG, format_func=_tag_label)
+    if tag_key != ALL_TAGS:
+        st.multiselect(f"{tag_key} is", choices.tag_values.get(tag_key, ()), key=KEY_TAG_VALUES,
+                       placeholder=f"Any {tag_key}")
+
+
+def _default_dates(today: date) -> tuple[date, date]:
+    return today - timedelta(days=DEFAULT_DAYS - 1), today
 
 
 def _tag_label(key: str) -> str:
@@ -138,19 +165,30 @@ def _date_pair(picked: object, today: date) -> tuple[date, date]:
             return picked[0], picked[1]
         if len(picked) == 1:
             return picked[0], picked[0]
-        return today - timedelta(days=DEFAULT_DAYS - 1), today
+        return _default_dates(today)
     if isinstance(picked, date):
         return picked, picked
-    return today - timedelta(days=DEFAULT_DAYS - 1), today
+    return _default_dates(today)
 
 
 def selection() -> Selection:
-    """The filters as set in the sidebar (defaults if the frame has not drawn them, e.g. in a unit test)."""
-    current = st.session_state.get(_SELECTION_KEY)
-    if isinstance(current, Selection):
-        return current
+    """The filters as set in the sidebar: the widgets' state, or their defaults before they were first drawn.
+
+    Read from the widgets' keys rather than from what the widgets return, so a page can use it
+    before ``draw_filters`` has drawn them in this run (the state a widget reports arrives with
+    the rerun it triggers, before the script starts).
+    """
+    state = st.session_state
     today = _today()
-    return Selection(start=today - timedelta(days=DEFAULT_DAYS - 1), end=today)
+    start, end = _date_pair(state[KEY_DATES] if KEY_DATES in state else None, today)
+    tag_key = state[KEY_TAG] if KEY_TAG in state else ALL_TAGS
+    tag_values = state[KEY_TAG_VALUES] if tag_key != ALL_TAGS and KEY_TAG_VALUES in state else ()
+    return Selection(
+        start=start, end=end,
+        models=tuple(state[KEY_MODELS]) if KEY_MODELS in state else (),
+        statuses=tuple(state[KEY_STATUSES]) if KEY_STATUSES in state else (),
+        tag_key=tag_key or ALL_TAGS, tag_values=tuple(tag_values),
+    )
 
 
 def sidebar_footer(probe: Probe) -> None:

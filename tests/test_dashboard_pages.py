@@ -85,10 +85,15 @@ def ledger(seeded: Ledger, monkeypatch: pytest.MonkeyPatch) -> Ledger:
     return seeded
 
 
+def _sidebar_widgets(node: object) -> list[object]:
+    children = list(getattr(node, "children", {}).values())
+    return children + [w for child in children for w in _sidebar_widgets(child)]
+
+
 def _set_sidebar(at: AppTest, **sidebar: object) -> AppTest:
     """Set sidebar filter widgets by key, one at a time, as a person would (a tag's values appear after its key)."""
     for key, value in sidebar.items():
-        widget = next((w for w in at.sidebar.children.values() if getattr(w, "key", None) == key), None)
+        widget = next((w for w in _sidebar_widgets(at.sidebar) if getattr(w, "key", None) == key), None)
         assert widget is not None, f"no sidebar widget {key!r}"
         widget.set_value(value)  # type: ignore[attr-defined]
         at.run()
@@ -270,6 +275,7 @@ def test_an_empty_ledger_explains_how_to_start_metering(page: str, sqlite_url: s
     text = " ".join(m.value for m in at.markdown) + " ".join(i.value for i in at.info)
     assert "Nothing has been metered" in text and "dsmeter demo" in text
     assert not at.error
+    assert at.date_input(key="filter_dates").value  # the filters are still drawn
 
 
 def test_an_unreachable_database_is_one_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,6 +12,7 @@ from dashboard import charts, data, views
 from dashboard import format as fmt
 
 st.title("Calls")
+views.draw_filters()
 views.require_calls()
 picked = views.selection()
 

@@ -8,6 +8,7 @@ from dashboard import charts, data, views
 from dashboard import format as fmt
 
 st.title("Chargeback")
+views.draw_filters()
 views.require_calls()
 picked = views.selection()
 dimensions = data.chargeback_dimensions()

@@ -1,8 +1,8 @@
 """Overview: spend today, this month and the month-end forecast; where the money went, day by day.
 
-The figures go first and are drawn with ``views.figures``: they paint without waiting for any
-front-end code to load. The charts, whose Vega code is the heaviest thing the browser fetches,
-come after them.
+The figures go first and are drawn with ``views.figures`` (they paint without waiting for any
+front-end code to load); the sidebar filters next; the charts, whose Vega code is the heaviest
+thing the browser fetches, last.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ st.caption(
     f"{fmt.tokens(overview.tokens['cache_miss'])} cache miss · {fmt.tokens(overview.tokens['output'])} output "
     f"(of which {fmt.tokens(overview.tokens['reasoning'])} reasoning)."
 )
+views.draw_filters()  # the figures are out: now the filter widgets, then the charts
 if overview.unpriced_calls:
     st.warning(
         f"{fmt.count(overview.unpriced_calls)} calls in this range have tokens but no price (a model the "

@@ -11,6 +11,7 @@ from dashboard import charts, data, views
 from dashboard import format as fmt
 
 st.title("Prices")
+views.draw_filters()
 try:
     book = data.price_book()
 except UsageError as error:  # a team's own book (DSMETER_PRICES) that does not validate

@@ -27,6 +27,7 @@ def _use_guide_prices() -> None:
 
 
 st.title("What-if")
+views.draw_filters()
 try:
     book = data.price_book()
 except UsageError as error:
