@@ -110,11 +110,38 @@ def _today() -> date:
 # The sidebar place the frame keeps for the filters in this script run (Streamlit runs each
 # session's script on its own thread; the frame sets this at the start of every run).
 _run = threading.local()
+_FILTER_KEYS = (KEY_DATES, KEY_MODELS, KEY_STATUSES, KEY_TAG, KEY_TAG_VALUES)
 
 
 def reserve_filters(probe: Probe) -> None:
-    """The frame's first step: keep the filters' place at the top of the sidebar, to be filled by ``draw_filters``."""
+    """The frame's first step: keep the filters' values for this run, and their place at the top of the sidebar.
+
+    The page draws the widgets (``draw_filters``), and a widget drawn by a page belongs to that
+    page: on the next page Streamlit would start it afresh. Setting each filter's value through
+    the Session State API before any widget takes its key (Streamlit's documented way to keep
+    widget values across pages) hands the value to whichever page's widget takes the key in this
+    run. Values the ledger no longer offers are dropped here, before any page reads them.
+    """
+    state = st.session_state
+    if KEY_DATES not in state:
+        state[KEY_DATES] = _default_dates(_today())
+    if probe.state is LedgerState.READY:
+        choices = data.filter_choices()
+        _keep_known(KEY_MODELS, choices.models)
+        _keep_known(KEY_STATUSES, choices.statuses)
+        if KEY_TAG in state and state[KEY_TAG] not in choices.tag_values:
+            state[KEY_TAG] = ALL_TAGS
+        _keep_known(KEY_TAG_VALUES, choices.tag_values.get(state[KEY_TAG], ()) if KEY_TAG in state else ())
+    for key in _FILTER_KEYS:
+        if key in state:
+            state[key] = state[key]
     _run.pending = (st.sidebar.container(), probe)
+
+
+def _keep_known(key: str, known: Sequence[str]) -> None:
+    state = st.session_state
+    if key in state:
+        state[key] = [value for value in state[key] if value in known]
 
 
 def draw_filters() -> None:
@@ -135,10 +162,12 @@ def draw_filters() -> None:
 
 
 def _sidebar_filters(probe: Probe) -> None:
-    """Date range, model, status and any tag key: the widgets whose state ``selection`` reads."""
+    """Date range, model, status and any tag key: the widgets whose state ``selection`` reads.
+
+    No widget is given a default: ``reserve_filters`` has put every value in the session state.
+    """
     st.header("Filters")
-    today = _today()
-    st.date_input("Dates (UTC)", value=_default_dates(today), max_value=today + timedelta(days=1), key=KEY_DATES)
+    st.date_input("Dates (UTC)", max_value=_today() + timedelta(days=1), key=KEY_DATES)
     if probe.state is not LedgerState.READY:
         return
     choices = data.filter_choices()

@@ -264,6 +264,24 @@ def test_calls_page_latency_percentiles_are_the_query_layers(ledger: Ledger) -> 
     pd.testing.assert_frame_equal(shown.reset_index(drop=True), expected.reset_index(drop=True))
 
 
+def test_the_filters_keep_their_values_when_the_reader_changes_page(ledger: Ledger) -> None:
+    # The pages draw the filter widgets, and a widget drawn by a page is that page's own: this
+    # failed (the Calls page counted every model) before the frame carried the values over.
+    at = _app(filter_models=["deepseek-v4-pro"], filter_tag_key="team", filter_tag_values=["support"])
+    selection = _default_selection()
+    shown = [r for r in _in_range(ledger.records, selection.start, selection.end)
+             if r.model == "deepseek-v4-pro" and r.tags["team"] == "support"]
+    for page in ("app_pages/calls.py", "app_pages/chargeback.py", "app_pages/overview.py"):
+        at.switch_page(page).run()
+        assert not at.exception, (page, [e.message for e in at.exception])
+        assert at.multiselect(key="filter_models").value == ["deepseek-v4-pro"], page
+        assert at.selectbox(key="filter_tag_key").value == "team", page
+        assert at.multiselect(key="filter_tag_values").value == ["support"], page
+        if page.endswith("calls.py"):
+            assert any(f"of {fmt.count(len(shown))} matching" in c.value for c in at.caption)
+    assert figure(at, "Calls") == fmt.count(len(shown))
+
+
 # -- Empty and unreachable ledgers ------------------------------------------------------------------
 
 
