@@ -199,6 +199,62 @@ def test_overview_draws_its_charts_with_altair(ledger: Ledger) -> None:
             "Calls per day by outcome"} <= titles
 
 
+def _chart(at: AppTest, title: str) -> pd.DataFrame:
+    """The data a chart draws (Altair hands Streamlit one Arrow dataset per chart), found by its title."""
+    import json
+
+    import pyarrow as pa
+
+    for chart in at.get("vega_lite_chart"):
+        if json.loads(chart.proto.spec).get("title") == title:
+            (dataset,) = chart.proto.datasets
+            frame = pa.ipc.open_stream(dataset.data.data).read_all().to_pandas()
+            if "day" in frame:
+                frame["day"] = pd.to_datetime(frame["day"]).dt.date
+            return frame
+    raise AssertionError(f"no chart {title!r}")
+
+
+def _per(records: list[UsageRecord], key: object, value: object) -> dict[object, float]:
+    """Sums of ``value(record)`` per ``key(record)``, skipping None values, as floats (what a chart draws)."""
+    sums: dict[object, Decimal] = {}
+    for record in records:
+        amount = value(record)  # type: ignore[operator]
+        if amount is not None:
+            group = key(record)  # type: ignore[operator]
+            sums[group] = sums.get(group, Decimal(0)) + Decimal(amount)
+    return {group: float(total) for group, total in sums.items()}
+
+
+@pytest.mark.parametrize("statuses", [(), ("completed", "cancelled")], ids=["every-status", "two-statuses"])
+def test_overview_charts_draw_the_seeded_rows_sums_per_day(ledger: Ledger, statuses: tuple[str, ...]) -> None:
+    at = _app(**({"filter_statuses": list(statuses)} if statuses else {}))
+    selection = _default_selection()
+    shown = [r for r in _in_range(ledger.records, selection.start, selection.end)
+             if not statuses or r.status in statuses]
+
+    def day(r: UsageRecord) -> date:
+        return r.started_at.date()
+
+    by_model = _chart(at, "Spend per day by model (USD)")
+    assert dict(zip(zip(by_model["day"], by_model["model"]), by_model["spend"])) == pytest.approx(
+        _per(shown, lambda r: (day(r), r.model), lambda r: r.cost))
+    by_bucket = _chart(at, "Spend per day by token bucket (USD)")
+    expected = {}
+    for bucket, field in (("cache hit", "cost_cache_hit"), ("cache miss", "cost_cache_miss"), ("output", "cost_output")):
+        expected.update(_per(shown, lambda r, b=bucket: (day(r), b), lambda r, f=field: getattr(r, f)))
+    assert dict(zip(zip(by_bucket["day"], by_bucket["bucket"]), by_bucket["spend"])) == pytest.approx(expected)
+    by_status = _chart(at, "Calls per day by outcome")
+    assert dict(zip(zip(by_status["day"], by_status["status"]), by_status["calls"])) == pytest.approx(
+        _per(shown, lambda r: (day(r), r.status), lambda r: 1))
+    ratio = _chart(at, "Cache-hit ratio per day")
+    assert list(ratio["day"]) == [selection.start + timedelta(days=n) for n in range(selection.days)]
+    hits = _per(shown, day, lambda r: r.prompt_cache_hit_tokens)
+    prompts = _per(shown, day, lambda r: (r.prompt_cache_hit_tokens or 0) + (r.prompt_cache_miss_tokens or 0))
+    drawn = {d: v for d, v in zip(ratio["day"], ratio["cache_hit_ratio"]) if not pd.isna(v)}
+    assert drawn == pytest.approx({d: hits.get(d, 0.0) / total for d, total in prompts.items() if total})
+
+
 # -- Chargeback -----------------------------------------------------------------------------------
 
 
@@ -262,6 +318,22 @@ def test_calls_page_latency_percentiles_are_the_query_layers(ledger: Ledger) -> 
         queries.latency_percentiles(open_read_only(ledger.url), data.to_filters(_default_selection()))
     )
     pd.testing.assert_frame_equal(shown.reset_index(drop=True), expected.reset_index(drop=True))
+
+
+def test_calls_page_charts_count_finish_reasons_and_error_classes_as_the_query_layer_does(ledger: Ledger) -> None:
+    at = _page("app_pages/calls.py", filter_models=["deepseek-v4-flash"])
+    filters = data.to_filters(Selection(start=TODAY - timedelta(days=29), end=TODAY, models=("deepseek-v4-flash",)))
+    engine = open_read_only(ledger.url)
+    for title, expected, label in (("Finish reasons", queries.finish_reasons(engine, filters), "finish_reason"),
+                                   ("Calls that did not complete, by class", queries.error_classes(engine, filters),
+                                    "error_class")):
+        drawn = _chart(at, title)
+        assert dict(zip(drawn[label], drawn["calls"])) == dict(zip(expected[label], expected["calls"])), title
+    classes = dict(zip(drawn["error_class"], drawn["calls"]))
+    selection = _default_selection()
+    flash = [r for r in _in_range(ledger.records, selection.start, selection.end) if r.model == "deepseek-v4-flash"]
+    assert classes["429 rate limited"] == sum(1 for r in flash if r.http_status == 429 and r.status == "error")
+    assert classes["disconnected"] == sum(1 for r in flash if r.status == "disconnected")
 
 
 def test_the_filters_keep_their_values_when_the_reader_changes_page(ledger: Ledger) -> None:
