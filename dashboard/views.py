@@ -125,7 +125,8 @@ def reserve_filters(probe: Probe) -> None:
     state = st.session_state
     if KEY_DATES not in state:
         state[KEY_DATES] = _default_dates(_today())
-    if probe.state is LedgerState.READY:
+    # Only a reader who has picked something needs the choices: a first visit does not wait for them.
+    if probe.state is LedgerState.READY and any(state.get(key) for key in _FILTER_KEYS[1:]):
         choices = data.filter_choices()
         _keep_known(KEY_MODELS, choices.models)
         _keep_known(KEY_STATUSES, choices.statuses)

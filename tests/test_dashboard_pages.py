@@ -354,6 +354,21 @@ def test_the_filters_keep_their_values_when_the_reader_changes_page(ledger: Ledg
     assert figure(at, "Calls") == fmt.count(len(shown))
 
 
+def test_filter_values_the_ledger_does_not_hold_are_dropped_before_the_page_reads_them(ledger: Ledger) -> None:
+    # A session's filters outlive what they named (a pruned model, a tag key no call has now):
+    # the widgets would drop them silently, but the page reads the filters before they are drawn.
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["filter_models"] = ["deepseek-v4-pro", "deepseek-retired"]
+    at.session_state["filter_tag_key"] = "colour"
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    selection = _default_selection()
+    pro = [r for r in _in_range(ledger.records, selection.start, selection.end) if r.model == "deepseek-v4-pro"]
+    assert figure(at, "Calls") == fmt.count(len(pro))
+    assert at.multiselect(key="filter_models").value == ["deepseek-v4-pro"]
+    assert at.selectbox(key="filter_tag_key").value == ""
+
+
 # -- Empty and unreachable ledgers ------------------------------------------------------------------
 
 
