@@ -35,7 +35,7 @@ from typing import Any
 
 import httptools
 
-__all__ = ["Request", "Response", "Handler", "Limits", "ClientConnection", "Connections", "REASONS", "error_body"]
+__all__ = ["Request", "Response", "Handler", "Limits", "ClientConnection", "Connections", "REASONS", "error_body", "no_delay"]
 
 log = logging.getLogger("dsmeter.proxy")
 
@@ -287,12 +287,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        no_delay(transport)
         transport.set_write_buffer_limits(high=_HIGH_WATER, low=_LOW_WATER)
         self._connections.open.add(self)
         if self.closing:
@@ -519,6 +514,16 @@ class ClientConnection(asyncio.Protocol):
         self._idle_timer = None
         if self._task is None and not self._queue and self.transport is not None:
             self.transport.close()
+
+
+def no_delay(transport: Any) -> None:
+    """Send each small write at once: a streamed chunk must not wait for Nagle's algorithm."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # not TCP (a Unix socket in a test), or already gone
+            pass
 
 
 def error_body(status: int, message: str, code: str) -> bytes:

@@ -24,7 +24,6 @@ for the gap timeout), ``UpstreamDisconnected`` (the connection ended mid-respons
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +32,7 @@ import httptools
 
 from collector.metering import UpstreamDisconnected, UpstreamTimeout, UpstreamUnreachable
 from collector.proxy_http import Upstream
+from collector.proxy_wire import no_delay
 
 __all__ = ["UpstreamPool", "Exchange"]
 
@@ -121,12 +121,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        no_delay(transport)
 
     def data_received(self, data: bytes) -> None:
         if self._exchange is None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from proxy_support import StartProxy, proxy_starter
+
 # No API key the tests use may reach a table, log, output or file the suite produces (tests/secrets_guard.py).
 pytest_plugins = ["secrets_guard"]
 
@@ -105,3 +107,9 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if admin_url is None:
         pytest.skip(f"{POSTGRES_ENV} not set")
     yield from _fresh_postgres_database(admin_url)
+
+
+@pytest.fixture
+def start_proxy() -> Iterator[StartProxy]:
+    """``start(upstream, **ProxyConfig options) -> (ProxyThread, RecordSink)``; every proxy started is stopped after."""
+    yield from proxy_starter()

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -31,10 +31,9 @@ from aiohttp import web
 
 import collector
 from collector.fingerprint import key_fingerprint
-from collector.proxy import ProxyConfig
-from collector.proxy_server import ProxyThread
 from collector.record import Status, UsageRecord
 from collector.simulator import Simulator
+from proxy_support import RecordSink, StartProxy
 
 KEY = "sk-test-proxy-0123456789abcdef"
 MESSAGES = [
@@ -77,23 +76,6 @@ FAILING: dict[str, dict[str, Any]] = {
 VOLATILE = {"request_id", "started_at", "finished_at", "ttft_ms", "first_content_ms", "duration_ms", "upstream"}
 
 
-class ListSink:
-    def __init__(self) -> None:
-        self.records: list[UsageRecord] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, record: UsageRecord) -> None:
-        with self._lock:
-            self.records.append(record)
-
-    def wait(self, n: int, timeout: float = 5.0) -> list[UsageRecord]:
-        # The proxy writes the record as its handler ends, a moment after the client saw the end.
-        deadline = time.monotonic() + timeout
-        while len(self.records) < n and time.monotonic() < deadline:
-            time.sleep(0.005)
-        return list(self.records)
-
-
 async def _echo(request: web.Request) -> web.Response:
     """An extra simulator route that answers with the request as it arrived upstream."""
     return web.json_response({"host": request.host, "headers": [[k, v] for k, v in request.headers.items()],
@@ -119,24 +101,6 @@ def sims() -> Iterator[tuple[Simulator, Simulator, Simulator]]:
 
     with make() as direct, make() as via_client, make() as via_proxy:
         yield direct, via_client, via_proxy
-
-
-ProxyFactory = Callable[..., tuple[ProxyThread, ListSink]]
-
-
-@pytest.fixture
-def start_proxy() -> Iterator[ProxyFactory]:
-    started: list[ProxyThread] = []
-
-    def start(upstream: str, **options: Any) -> tuple[ProxyThread, ListSink]:
-        sink = ListSink()
-        proxy = ProxyThread(ProxyConfig(upstream=upstream, port=0, **options), sink).start()
-        started.append(proxy)
-        return proxy, sink
-
-    yield start
-    for proxy in started:
-        proxy.stop(force=True)
 
 
 def _sdk(base_url: str, http_client: httpx.Client | None = None, key: str = KEY) -> openai.OpenAI:
@@ -170,12 +134,12 @@ def _raw(base_url: str, path: str, body: dict[str, Any], headers: dict[str, str]
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS) + sorted(FAILING))
 def test_sdk_through_proxy_sees_upstream_output_and_records_the_transport_row(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory, scenario: str
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy, scenario: str
 ) -> None:
     direct_sim, client_sim, proxy_sim = sims
     kwargs = dict(SCENARIOS[scenario] if scenario in SCENARIOS else FAILING[scenario])
     proxy, proxy_sink = start_proxy(proxy_sim.base_url)
-    client_sink = ListSink()
+    client_sink = RecordSink()
     metered = _sdk(client_sim.base_url, collector.metered_client(sink=client_sink, tags={"team": "t1"}))
     through_proxy = _sdk(proxy.base_url, httpx.Client(headers={"X-Dsmeter-Tags": "team=t1"}))
     # Twice each: the second call of a repeated prompt earns cache hits, which must be split the same way.
@@ -200,7 +164,7 @@ def test_sdk_through_proxy_sees_upstream_output_and_records_the_transport_row(
                  "split_writes", "openai_style_usage_chunk_asked_for", "http_429", "http_401_bad_key"]
 )
 def test_client_receives_the_upstream_bytes_status_and_headers(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory, scenario: str
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy, scenario: str
 ) -> None:
     direct_sim, _, proxy_sim = sims
     kwargs = dict(SCENARIOS[scenario] if scenario in SCENARIOS else FAILING[scenario])
@@ -215,7 +179,7 @@ def test_client_receives_the_upstream_bytes_status_and_headers(
 
 
 def test_without_asking_for_usage_the_client_sees_only_the_null_usage_fields_injection_adds(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy
 ) -> None:
     # The proxy asks the upstream for usage on the caller's behalf; DeepSeek then writes
     # "usage":null on every chunk before the last (as its API documents). That is the only change.
@@ -230,14 +194,14 @@ def test_without_asking_for_usage_the_client_sees_only_the_null_usage_fields_inj
 
 
 def test_malformed_chunk_makes_the_same_row_through_proxy_and_transport(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy
 ) -> None:
     # The SDK gives up at the broken chunk, so this one is read with plain httpx to the end.
     direct_sim, client_sim, proxy_sim = sims
     headers = {"X-Simulator-Fault": "malformed", "X-Simulator-Fault-After": "4"}
     body = {"model": "deepseek-v4-flash", "messages": MESSAGES, "stream": True}
     proxy, proxy_sink = start_proxy(proxy_sim.base_url)
-    client_sink = ListSink()
+    client_sink = RecordSink()
     with collector.metered_client(sink=client_sink) as metered:
         via_client = metered.post(client_sim.base_url + "/chat/completions", json=body,
                                   headers={"Authorization": f"Bearer {KEY}", **headers}).content
@@ -250,7 +214,7 @@ def test_malformed_chunk_makes_the_same_row_through_proxy_and_transport(
 
 
 def test_injected_usage_chunk_is_cut_but_every_other_byte_arrives(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy
 ) -> None:
     direct_sim, _, proxy_sim = sims
     proxy, sink = start_proxy(proxy_sim.base_url)
@@ -270,11 +234,11 @@ def test_injected_usage_chunk_is_cut_but_every_other_byte_arrives(
 
 
 def test_non_streamed_call_is_forwarded_and_metered_from_the_body(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy
 ) -> None:
     direct_sim, client_sim, proxy_sim = sims
     proxy, proxy_sink = start_proxy(proxy_sim.base_url)
-    client_sink = ListSink()
+    client_sink = RecordSink()
     args: dict[str, Any] = {"model": "deepseek-v4-flash", "messages": MESSAGES, "extra_headers": {"X-Simulator-Queue-Ms": "100"}}
     expected = _sdk(direct_sim.base_url).chat.completions.create(**args).model_dump()
     via_client = _sdk(client_sim.base_url, collector.metered_client(sink=client_sink)).chat.completions.create(**args)
@@ -289,11 +253,11 @@ def test_non_streamed_call_is_forwarded_and_metered_from_the_body(
 
 
 def test_gap_timeout_is_a_timeout_row_like_the_transports_and_the_stream_ends_cleanly(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy
 ) -> None:
     _, client_sim, proxy_sim = sims
     stall = {"extra_headers": {"X-Simulator-Fault": "stall", "X-Simulator-Fault-After": "3"}}
-    client_sink = ListSink()
+    client_sink = RecordSink()
     http = collector.metered_client(sink=client_sink, timeout=httpx.Timeout(5.0, read=0.3))
     with pytest.raises((openai.APIError, httpx.HTTPError)):
         _stream_chunks(_sdk(client_sim.base_url, http), **stall)
@@ -307,7 +271,7 @@ def test_gap_timeout_is_a_timeout_row_like_the_transports_and_the_stream_ends_cl
     assert _comparable(record) == _comparable(client_sink.records[0])
 
 
-def test_timeout_before_any_byte_is_a_504_and_a_timeout_row(start_proxy: ProxyFactory) -> None:
+def test_timeout_before_any_byte_is_a_504_and_a_timeout_row(start_proxy: StartProxy) -> None:
     # An upstream that takes the connection (the kernel's backlog does) and never answers.
     with socket.socket() as black_hole:
         black_hole.bind(("127.0.0.1", 0))
@@ -324,7 +288,7 @@ def test_timeout_before_any_byte_is_a_504_and_a_timeout_row(start_proxy: ProxyFa
 
 
 def test_thinking_calls_get_the_longer_gap_timeout(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy
 ) -> None:
     _, _, sim = sims
     proxy, sink = start_proxy(sim.base_url, read_timeout=0.1, thinking_read_timeout=5.0)
@@ -336,7 +300,7 @@ def test_thinking_calls_get_the_longer_gap_timeout(
     assert sink.wait(2)[1].status == Status.TIMEOUT.value
 
 
-def test_unreachable_upstream_is_a_502_and_an_error_row(start_proxy: ProxyFactory) -> None:
+def test_unreachable_upstream_is_a_502_and_an_error_row(start_proxy: StartProxy) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
@@ -360,12 +324,12 @@ async def _astream_chunks(client: openai.AsyncOpenAI, **kwargs: Any) -> list[dic
 
 @pytest.mark.parametrize("scenario", ["plain", "thinking", "tools", "openai_style_usage_chunk", "crlf_framing"])
 def test_async_sdk_through_proxy_sees_upstream_output_and_records_the_transport_row(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory, scenario: str
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy, scenario: str
 ) -> None:
     direct_sim, client_sim, proxy_sim = sims
     kwargs = dict(SCENARIOS[scenario])
     proxy, proxy_sink = start_proxy(proxy_sim.base_url)
-    client_sink = ListSink()
+    client_sink = RecordSink()
 
     async def run() -> tuple[Any, Any, Any]:
         direct = openai.AsyncOpenAI(api_key=KEY, base_url=direct_sim.base_url, max_retries=0)
@@ -381,7 +345,7 @@ def test_async_sdk_through_proxy_sees_upstream_output_and_records_the_transport_
 
 
 def test_many_async_streams_at_once_each_get_their_own_exact_row(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy
 ) -> None:
     _, _, sim = sims
     proxy, sink = start_proxy(sim.base_url)
@@ -407,7 +371,7 @@ def test_many_async_streams_at_once_each_get_their_own_exact_row(
 
 
 def test_client_hanging_up_closes_the_upstream_within_100_ms_and_is_a_cancelled_row(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy
 ) -> None:
     _, _, sim = sims
     proxy, sink = start_proxy(sim.base_url)
@@ -439,7 +403,7 @@ def test_client_hanging_up_closes_the_upstream_within_100_ms_and_is_a_cancelled_
 
 
 def test_tags_header_user_and_key_fingerprint_attribute_the_call_and_the_tags_header_stays_here(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy
 ) -> None:
     _, _, sim = sims
     proxy, sink = start_proxy(sim.base_url, tags={"env": "prod", "team": "default"})
@@ -462,7 +426,7 @@ def test_tags_header_user_and_key_fingerprint_attribute_the_call_and_the_tags_he
 
 
 def test_malformed_tags_header_is_a_400_and_nothing_is_forwarded(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy
 ) -> None:
     _, _, sim = sims
     proxy, sink = start_proxy(sim.base_url)
@@ -473,7 +437,7 @@ def test_malformed_tags_header_is_a_400_and_nothing_is_forwarded(
 
 
 def test_api_key_reaches_no_row_log_metric_or_error_page(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     _, _, sim = sims
     caplog.set_level(logging.DEBUG)
@@ -505,7 +469,7 @@ def test_api_key_reaches_no_row_log_metric_or_error_page(
 
 
 def test_body_over_the_limit_is_a_413_whether_announced_or_chunked(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy
 ) -> None:
     _, _, sim = sims
     proxy, sink = start_proxy(sim.base_url, max_body_bytes=4096)
@@ -549,7 +513,7 @@ def _raw_request(base_url: str, request: bytes) -> bytes:
     ],
 )
 def test_no_open_relay_absolute_and_traversal_targets_are_refused(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory, request_line: str
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy, request_line: str
 ) -> None:
     _, evil, sim = sims
     proxy, sink = start_proxy(sim.base_url)
@@ -566,7 +530,7 @@ def test_no_open_relay_absolute_and_traversal_targets_are_refused(
 
 
 def test_host_header_never_chooses_the_upstream(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy
 ) -> None:
     _, evil, sim = sims
     proxy, sink = start_proxy(sim.base_url)
@@ -584,7 +548,7 @@ def test_host_header_never_chooses_the_upstream(
 # -- pass-through, metrics, health -----------------------------------------------------------
 
 
-def test_other_paths_pass_through_unmetered(sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory) -> None:
+def test_other_paths_pass_through_unmetered(sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy) -> None:
     direct_sim, _, sim = sims
     proxy, sink = start_proxy(sim.base_url)
     via_proxy = _sdk(proxy.base_url).models.list().model_dump()
@@ -600,7 +564,7 @@ def test_other_paths_pass_through_unmetered(sims: tuple[Simulator, Simulator, Si
 
 
 def test_metrics_count_requests_tokens_errors_and_ttft_with_bounded_labels(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy
 ) -> None:
     _, _, sim = sims
     proxy, sink = start_proxy(sim.base_url)
@@ -634,7 +598,7 @@ def test_metrics_count_requests_tokens_errors_and_ttft_with_bounded_labels(
 
 
 def test_healthz_answers_and_says_draining_during_shutdown(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy
 ) -> None:
     _, _, sim = sims
     proxy, _ = start_proxy(sim.base_url)
@@ -648,7 +612,7 @@ def test_healthz_answers_and_says_draining_during_shutdown(
 
 
 def test_shutdown_lets_streams_in_flight_finish_and_records_them(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy
 ) -> None:
     _, _, sim = sims
     proxy, sink = start_proxy(sim.base_url, drain_timeout=10.0)
@@ -678,7 +642,7 @@ def test_shutdown_lets_streams_in_flight_finish_and_records_them(
 
 
 def test_shutdown_cancels_streams_still_running_after_the_drain_timeout_each_a_row(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy
 ) -> None:
     _, _, sim = sims
     proxy, sink = start_proxy(sim.base_url, drain_timeout=0.3)
@@ -707,7 +671,7 @@ def test_shutdown_cancels_streams_still_running_after_the_drain_timeout_each_a_r
 
 
 def test_anthropic_format_stream_is_forwarded_and_metered_from_its_usage_events(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy
 ) -> None:
     direct_sim, _, sim = sims
     proxy, sink = start_proxy(sim.base_url)
@@ -732,7 +696,7 @@ def test_anthropic_format_stream_is_forwarded_and_metered_from_its_usage_events(
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_streams_through_the_proxy_byte_for_byte(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy
 ) -> None:
     direct_sim, _, sim = sims
     proxy, sink = start_proxy(sim.base_url)
@@ -771,7 +735,7 @@ process.stdout.write(JSON.stringify({status: res.status, content}));
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 def test_node_fetch_streams_through_the_proxy(
-    sims: tuple[Simulator, Simulator, Simulator], start_proxy: ProxyFactory
+    sims: tuple[Simulator, Simulator, Simulator], start_proxy: StartProxy
 ) -> None:
     direct_sim, _, sim = sims
     proxy, sink = start_proxy(sim.base_url)

@@ -30,9 +30,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 from urllib.parse import unquote
 
 import httpx
@@ -44,29 +43,12 @@ from yarl import URL
 from collector.metering import MAX_TAGS
 from collector.proxy import ProxyConfig
 from collector.proxy_http import BadTarget, checked_target, parse_upstream
-from collector.proxy_server import ProxyThread
-from collector.record import UsageRecord
 from collector.simulator import Simulator
 from collector.store import LedgerStore
+from proxy_support import StartProxy
 
 KEY = "sk-test-proxy-security-5c2e8f1a9b"
 BODY = {"model": "deepseek-v4-flash", "messages": [{"role": "user", "content": "Hello."}]}
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.records: list[UsageRecord] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, record: UsageRecord) -> None:
-        with self._lock:
-            self.records.append(record)
-
-    def wait(self, n: int, timeout: float = 5.0) -> list[UsageRecord]:
-        deadline = time.monotonic() + timeout
-        while len(self.records) < n and time.monotonic() < deadline:
-            time.sleep(0.005)
-        return list(self.records)
 
 
 def _served(sim: Simulator, n: int, timeout: float = 5.0) -> bool:
@@ -82,24 +64,6 @@ def _served(sim: Simulator, n: int, timeout: float = 5.0) -> bool:
 def sims() -> Iterator[tuple[Simulator, Simulator]]:
     with Simulator(seed=3) as upstream, Simulator(seed=3) as evil:
         yield upstream, evil
-
-
-StartProxy = Callable[..., tuple[ProxyThread, Sink]]
-
-
-@pytest.fixture
-def start_proxy() -> Iterator[StartProxy]:
-    started: list[ProxyThread] = []
-
-    def start(upstream: str, **options: Any) -> tuple[ProxyThread, Sink]:
-        sink = Sink()
-        proxy = ProxyThread(ProxyConfig(upstream=upstream, port=0, **options), sink).start()
-        started.append(proxy)
-        return proxy, sink
-
-    yield start
-    for proxy in started:
-        proxy.stop(force=True)
 
 
 def _raw(base_url: str, head: bytes, body: bytes = b"") -> bytes:

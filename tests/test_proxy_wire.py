@@ -14,51 +14,17 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from collector.proxy import ProxyConfig
-from collector.proxy_server import ProxyThread
-from collector.record import UsageRecord
 from collector.simulator import Simulator
+from proxy_support import StartProxy
 
 KEY = "sk-test-proxy-wire-7d1e0c44aa"
 CHAT = {"model": "deepseek-v4-flash", "messages": [{"role": "user", "content": "Hello."}]}
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.records: list[UsageRecord] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, record: UsageRecord) -> None:
-        with self._lock:
-            self.records.append(record)
-
-    def wait(self, n: int, timeout: float = 5.0) -> list[UsageRecord]:
-        deadline = time.monotonic() + timeout
-        while len(self.records) < n and time.monotonic() < deadline:
-            time.sleep(0.005)
-        return list(self.records)
-
-
-@pytest.fixture
-def start_proxy() -> Iterator[Callable[..., tuple[ProxyThread, Sink]]]:
-    started: list[ProxyThread] = []
-
-    def start(upstream: str, **options: Any) -> tuple[ProxyThread, Sink]:
-        sink = Sink()
-        proxy = ProxyThread(ProxyConfig(upstream=upstream, port=0, **options), sink).start()
-        started.append(proxy)
-        return proxy, sink
-
-    yield start
-    for proxy in started:
-        proxy.stop(force=True)
 
 
 def _address(base_url: str) -> tuple[str, int]:
@@ -121,7 +87,7 @@ def _post(path: str, body: bytes, *, version: str = "1.1", extra: str = "") -> b
 # -- a client's bytes ---------------------------------------------------------------------------------
 
 
-def test_pipelined_requests_are_answered_in_order_each_forwarded_and_metered_once(start_proxy: Any) -> None:
+def test_pipelined_requests_are_answered_in_order_each_forwarded_and_metered_once(start_proxy: StartProxy) -> None:
     with Simulator(seed=11) as sim:
         proxy, sink = start_proxy(sim.base_url)
         first = json.dumps({**CHAT, "messages": [{"role": "user", "content": "first"}]}).encode()
@@ -137,7 +103,7 @@ def test_pipelined_requests_are_answered_in_order_each_forwarded_and_metered_onc
         assert len(sim.calls) == 2
 
 
-def test_a_request_sent_while_the_previous_answer_still_streams_waits_its_turn(start_proxy: Any) -> None:
+def test_a_request_sent_while_the_previous_answer_still_streams_waits_its_turn(start_proxy: StartProxy) -> None:
     with Simulator(seed=11) as sim:
         proxy, sink = start_proxy(sim.base_url)
         slow = json.dumps({**CHAT, "stream": True}).encode()
@@ -153,7 +119,7 @@ def test_a_request_sent_while_the_previous_answer_still_streams_waits_its_turn(s
         assert sorted(r.stream for r in sink.wait(2)) == [False, True]
 
 
-def test_a_client_that_expects_100_continue_gets_it_before_sending_the_body(start_proxy: Any) -> None:
+def test_a_client_that_expects_100_continue_gets_it_before_sending_the_body(start_proxy: StartProxy) -> None:
     with Simulator(seed=11) as sim:
         proxy, sink = start_proxy(sim.base_url)
         body = json.dumps(CHAT).encode()
@@ -168,7 +134,7 @@ def test_a_client_that_expects_100_continue_gets_it_before_sending_the_body(star
         assert [r.status for r in sink.wait(1)] == ["completed"]
 
 
-def test_an_http_1_0_client_gets_a_stream_that_ends_with_the_connection(start_proxy: Any) -> None:
+def test_an_http_1_0_client_gets_a_stream_that_ends_with_the_connection(start_proxy: StartProxy) -> None:
     with Simulator(seed=11) as sim:
         proxy, sink = start_proxy(sim.base_url)
         body = json.dumps({**CHAT, "stream": True}).encode()
@@ -182,7 +148,7 @@ def test_an_http_1_0_client_gets_a_stream_that_ends_with_the_connection(start_pr
         assert record.status == "completed" and record.completion_tokens
 
 
-def test_head_is_forwarded_without_a_body_and_the_connection_stays_usable(start_proxy: Any) -> None:
+def test_head_is_forwarded_without_a_body_and_the_connection_stays_usable(start_proxy: StartProxy) -> None:
     upstream = ScriptedUpstream(lambda request: b"HTTP/1.1 200 OK\r\nContent-Length: 42\r\nX-Seen: head\r\n\r\n"
                                 if request.startswith(b"HEAD") else _ok(b'{"object":"list","data":[]}'))
     with upstream:
@@ -206,7 +172,7 @@ def _read_response_to_head(sock: socket.socket, buffered: bytearray) -> tuple[by
     return status.encode(), {n.lower(): v.strip() for n, _, v in (line.partition(":") for line in lines)}, b""
 
 
-def test_an_upgrade_request_is_answered_in_http_1_1_and_the_upgrade_never_forwarded(start_proxy: Any) -> None:
+def test_an_upgrade_request_is_answered_in_http_1_1_and_the_upgrade_never_forwarded(start_proxy: StartProxy) -> None:
     # curl --http2 on an http:// URL asks for h2c this way; the answer must still come, in HTTP/1.1.
     upstream = ScriptedUpstream(lambda request: _ok(b'{"seen":%d}' % request.lower().count(b"upgrade")))
     with upstream:
@@ -221,7 +187,7 @@ def test_an_upgrade_request_is_answered_in_http_1_1_and_the_upgrade_never_forwar
         assert [json.loads(body) for _, _, body in answers] == [{"seen": 0}, {"seen": 0}]
 
 
-def test_a_connect_request_is_refused_and_its_connection_closed(start_proxy: Any) -> None:
+def test_a_connect_request_is_refused_and_its_connection_closed(start_proxy: StartProxy) -> None:
     with Simulator(seed=11) as sim:
         proxy, _ = start_proxy(sim.base_url)
         with socket.create_connection(_address(proxy.base_url), timeout=10) as sock:
@@ -245,7 +211,7 @@ def test_a_connect_request_is_refused_and_its_connection_closed(start_proxy: Any
     ids=["long-target", "big-header", "101-headers", "header-without-end", "garbage"],
 )
 def test_oversized_or_malformed_heads_get_their_exact_status_and_nothing_is_forwarded(
-    start_proxy: Any, head: bytes, status: int
+    start_proxy: StartProxy, head: bytes, status: int
 ) -> None:
     with Simulator(seed=11) as sim:
         proxy, _ = start_proxy(sim.base_url)
@@ -353,7 +319,7 @@ _COMPLETION = json.dumps({
 }).encode()
 
 
-def test_sequential_calls_reuse_one_upstream_connection(start_proxy: Any) -> None:
+def test_sequential_calls_reuse_one_upstream_connection(start_proxy: StartProxy) -> None:
     with ScriptedUpstream(lambda request: _ok(_COMPLETION)) as upstream:
         proxy, sink = start_proxy(upstream.url)
         with httpx.Client() as client:
@@ -363,7 +329,7 @@ def test_sequential_calls_reuse_one_upstream_connection(start_proxy: Any) -> Non
         assert [r.completion_tokens for r in sink.wait(3)] == [2, 2, 2]
 
 
-def test_an_upstream_that_closed_an_idle_connection_gets_each_call_exactly_once(start_proxy: Any) -> None:
+def test_an_upstream_that_closed_an_idle_connection_gets_each_call_exactly_once(start_proxy: StartProxy) -> None:
     # It says keep-alive, then closes: the proxy's next call finds the pooled connection dead,
     # and must neither fail the call nor send it twice.
     with ScriptedUpstream(lambda request: _ok(_COMPLETION), close_after_each=True) as upstream:
@@ -377,7 +343,7 @@ def test_an_upstream_that_closed_an_idle_connection_gets_each_call_exactly_once(
         assert [r.status for r in sink.wait(5)] == ["completed"] * 5
 
 
-def test_a_call_on_a_connection_the_upstream_dropped_as_it_was_reused_is_sent_again_once(start_proxy: Any) -> None:
+def test_a_call_on_a_connection_the_upstream_dropped_as_it_was_reused_is_sent_again_once(start_proxy: StartProxy) -> None:
     # The race every keep-alive client meets: the upstream times a connection out just as a
     # request goes down it, and closes it without reading it. The call must still be made, once.
     with ScriptedUpstream(lambda request: _ok(_COMPLETION), close_on_reuse=True) as upstream:
@@ -390,7 +356,7 @@ def test_a_call_on_a_connection_the_upstream_dropped_as_it_was_reused_is_sent_ag
         assert [r.status for r in sink.wait(3)] == ["completed"] * 3
 
 
-def test_a_stream_longer_than_the_gap_timeout_is_no_timeout_while_chunks_keep_coming(start_proxy: Any) -> None:
+def test_a_stream_longer_than_the_gap_timeout_is_no_timeout_while_chunks_keep_coming(start_proxy: StartProxy) -> None:
     with Simulator(seed=11) as sim:
         proxy, sink = start_proxy(sim.base_url, read_timeout=0.25)
         body = {**CHAT, "stream": True}
@@ -404,7 +370,7 @@ def test_a_stream_longer_than_the_gap_timeout_is_no_timeout_while_chunks_keep_co
         assert record.status == "completed" and record.completion_tokens == 25
 
 
-def test_a_body_that_ends_with_the_upstream_connection_is_complete(start_proxy: Any) -> None:
+def test_a_body_that_ends_with_the_upstream_connection_is_complete(start_proxy: StartProxy) -> None:
     events = b"".join(
         b'data: {"id":"s1","object":"chat.completion.chunk","model":"deepseek-v4-flash","choices":[{"index":0,'
         b'"delta":{"content":"%b"},"finish_reason":null}]}\n\n' % word for word in (b"a", b"b", b"c")
@@ -421,7 +387,7 @@ def test_a_body_that_ends_with_the_upstream_connection_is_complete(start_proxy: 
         assert (record.status, record.completion_tokens, record.prompt_cache_miss_tokens) == ("completed", 3, 5)
 
 
-def test_a_client_too_slow_to_keep_up_still_gets_every_byte_in_order(start_proxy: Any) -> None:
+def test_a_client_too_slow_to_keep_up_still_gets_every_byte_in_order(start_proxy: StartProxy) -> None:
     # 8 MiB from an upstream faster than the client: the proxy must pause the upstream, not
     # buffer it all, and lose nothing when it resumes.
     blob = bytes(range(256)) * (8 * 4096)
@@ -467,7 +433,7 @@ def _server_context(cert: Path, key: Path) -> ssl.SSLContext:
 
 
 def test_an_https_upstream_is_reached_over_verified_tls(
-    start_proxy: Any, certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    start_proxy: StartProxy, certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cert, key = certificate
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust our test CA the way an operator would
@@ -481,7 +447,7 @@ def test_an_https_upstream_is_reached_over_verified_tls(
 
 
 def test_an_upstream_whose_certificate_is_not_trusted_is_a_502_and_an_error_row(
-    start_proxy: Any, certificate: tuple[Path, Path]
+    start_proxy: StartProxy, certificate: tuple[Path, Path]
 ) -> None:
     cert, key = certificate
     with ScriptedUpstream(lambda request: _ok(_COMPLETION), tls=_server_context(cert, key)) as upstream:
