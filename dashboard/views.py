@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 
 import streamlit as st
-from streamlit.delta_generator import DeltaGenerator
 
 from dashboard import data
 from dashboard import format as fmt
