@@ -28,6 +28,8 @@ def test_demo_records_one_row_per_planned_call_with_every_kind_of_outcome(sqlite
     completed = [row for row in rows if row["status"] == "completed"]
     assert all(not row["usage_estimated"] for row in completed)
     assert f"Recorded {len(rows):,} calls" in result.output
+    # The next commands name the ledger just recorded, not the default one.
+    assert f"Next: dsmeter dashboard --db '{sqlite_url}'" in result.output
 
 
 def test_demo_plan_is_seeded() -> None:

@@ -115,7 +115,8 @@ def demo(db: str | None, days: int, calls_per_day: int, seed: int, no_dashboard:
     for line in _summarise(url):
         click.echo(line)
     click.echo("")
-    db_flag = f" --db '{url}'" if not db else ""
+    # The same ledger for the next commands; a URL the user gave is shown without its password.
+    db_flag = f" --db '{redact_url(url) if db else url}'"
     if no_dashboard:
         click.echo(f"Next: dsmeter dashboard{db_flag}, or dsmeter export --format csv{db_flag} | head")
         return
