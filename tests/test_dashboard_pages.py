@@ -177,6 +177,26 @@ def test_overview_figures_follow_the_sidebar_filters_exactly_as_the_query_layer_
     assert figure(at, "Spend, ") == fmt.money(_cost(independent), "USD")
 
 
+@pytest.mark.parametrize("unpriced", [1, 7])
+def test_overview_counts_the_calls_it_could_not_price_and_leaves_them_out_of_spend(
+    unpriced: int, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    priced = list(synthetic_records(40, seed=3, start=NOW - timedelta(days=5), end=NOW))
+    # Calls with tokens on a model the price book does not know: the writer cannot price them.
+    without = [r for r in synthetic_records(200, seed=4, start=NOW - timedelta(days=5), end=NOW, unpriced_share=1.0)
+               if r.completion_tokens is not None][:unpriced]
+    for record in without:
+        record.requested_model = record.model = "acme-llm-1"
+    seed_through_writer(sqlite_url, priced + without)
+    monkeypatch.setenv("DSMETER_DATABASE_URL", sqlite_url)
+    at = _app()
+    (warning,) = at.warning
+    noun = "1 call in this range has" if unpriced == 1 else f"{unpriced} calls in this range have"
+    assert warning.value.startswith(f"{noun} tokens but no price")
+    assert figure(at, "Calls") == fmt.count(len(priced) + unpriced)
+    assert figure(at, "Spend, ") == fmt.money(_cost(priced), "USD")
+
+
 def test_overview_figures_are_markdown_and_headings_not_metrics_whose_code_loads_late(ledger: Ledger) -> None:
     # st.metric's front-end code is fetched only when the first metric arrives, and the browser
     # showed the figures only with the charts, 0.6-0.7 s after they had arrived (bench_dashboard).

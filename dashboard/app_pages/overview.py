@@ -54,9 +54,11 @@ st.caption(
 )
 views.draw_filters()  # the figures are out: now the filter widgets, then the charts
 if overview.unpriced_calls:
+    one = overview.unpriced_calls == 1
     st.warning(
-        f"{fmt.count(overview.unpriced_calls)} calls in this range have tokens but no price (a model the "
-        "price book does not know, or usage too incomplete to price); they count as calls, not as spend. "
+        f"{fmt.count(overview.unpriced_calls)} {'call in this range has' if one else 'calls in this range have'} "
+        "tokens but no price (a model the price book does not know, or usage too incomplete to price); "
+        f"{'it counts as a call' if one else 'they count as calls'}, not as spend. "
         "The Calls page shows why in each row's tariff column.",
         icon=":material/help:",
     )
