@@ -240,26 +240,38 @@ class ProxyApp:
                 self.metrics.passthrough(status)
             keep_length = meter is None or not (meter.call.include_usage_injected and status < 400)
             out_headers = response_headers(exchange.headers, keep_length=keep_length)
-            write = response.write
+            write, end = response.write, response.end
+            relay: Callable[[bytes], None]
+            finish: Callable[[bytes], None]
             if meter is None:
-                response.start(status, out_headers, exchange.reason, exchange.early)
-                relay = write
+                relay, finish = write, end
+                first = exchange.early
             else:
-                feed = meter.feed
-                response.start(status, out_headers, exchange.reason, feed(exchange.early) if exchange.early else b"")
+                feed, feed_eof = meter.feed, meter.feed_eof
 
-                def relay(data: bytes) -> None:
+                def relay_metered(data: bytes) -> None:
                     out = feed(data)
                     if out:
                         write(out)
 
-            response.relay_flow(exchange.pause, exchange.resume)
-            if not exchange.complete:
-                await exchange.stream(relay)
-            if meter is not None:
-                write(meter.feed_eof())
+                def finish_metered(data: bytes) -> None:
+                    # The last read and the end of the response go out in one write.
+                    out = feed(data) if data else b""
+                    tail = feed_eof()
+                    end(out + tail if tail else out)
+
+                relay, finish = relay_metered, finish_metered
+
+                first = feed(exchange.early) if exchange.early else b""
+            if exchange.complete:  # the whole body came with the head: one write for all of it
+                if meter is not None:
+                    first += meter.feed_eof()
+                response.start(status, out_headers, exchange.reason, first, last=True)
+            else:
+                response.start(status, out_headers, exchange.reason, first)
+                response.relay_flow(exchange.pause, exchange.resume)
+                await exchange.stream(relay, finish)
             ended = True
-            response.end()
         except asyncio.CancelledError:
             outcome = "cancelled"  # the client hung up (or the proxy is shutting down)
             raise

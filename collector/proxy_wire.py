@@ -127,11 +127,15 @@ class Response:
         """Close the connection once this response is sent (its request body may be unread)."""
         self.keep_alive = False
 
-    def start(self, status: int, headers: list[tuple[str, str]], reason: str | None = None, body: bytes = b"") -> None:
+    def start(
+        self, status: int, headers: list[tuple[str, str]], reason: str | None = None, body: bytes = b"",
+        *, last: bool = False,
+    ) -> None:
         """Send the status line and headers, and ``body`` with them if given (one write).
 
         A ``Content-Length`` among ``headers`` frames the body by length; otherwise it is
-        chunked (HTTP/1.1) or ends when the connection closes (HTTP/1.0).
+        chunked (HTTP/1.1) or ends when the connection closes (HTTP/1.0). ``last``: ``body``
+        is all of it, and the response ends in the same write.
         """
         assert not self.started, "response already started"
         self.started = True
@@ -163,7 +167,12 @@ class Response:
             lines.append("Connection: keep-alive\r\n")
         lines.append("\r\n")
         head = "".join(lines).encode("latin-1")
-        self._transport.write(head + self._framed(body) if body else head)
+        data = head + self._framed(body) if body else head
+        if last:
+            data += self._ending()
+        self._transport.write(data)
+        if last and self._framing == _LENGTH and self._left != 0:
+            self._transport.abort()  # fewer bytes than the length announced: the client must see a break
 
     def _framed(self, data: bytes) -> bytes:
         framing = self._framing
@@ -182,18 +191,28 @@ class Response:
             if framed:
                 self._transport.write(framed)
 
-    def end(self) -> None:
-        """The body is complete. A length-framed body that fell short cannot end cleanly: cut it."""
+    def end(self, data: bytes = b"") -> None:
+        """The body is complete, ``data`` its last bytes (sent with the end, in one write).
+
+        A length-framed body that fell short cannot end cleanly: the connection is cut.
+        """
         if self.finished:
             return
+        out = self._framed(data) if data else b""
+        out += self._ending()
+        if out:
+            self._transport.write(out)
+        if self._framing == _LENGTH and self._left != 0:
+            self._transport.abort()
+
+    def _ending(self) -> bytes:
+        """Mark the response finished; the bytes that end its body on the wire."""
         self.finished = True
         if self._framing == _CHUNKED:
-            self._transport.write(b"0\r\n\r\n")
-        elif self._framing == _LENGTH and self._left != 0:
+            return b"0\r\n\r\n"
+        if self._framing == _LENGTH and self._left != 0 or self._framing == _CLOSE:
             self.keep_alive = False
-            self._transport.abort()
-        elif self._framing == _CLOSE:
-            self.keep_alive = False
+        return b""
 
     @property
     def length_framed(self) -> bool:
@@ -212,8 +231,7 @@ class Response:
         if content_type is not None:
             pairs.append(("Content-Type", content_type))
         pairs.append(("Content-Length", str(len(body))))
-        self.start(status, pairs, body=body)
-        self.end()
+        self.start(status, pairs, body=body, last=True)
 
 
 class Connections:

@@ -71,9 +71,16 @@ class Exchange:
         """The whole body has arrived already (with the head)."""
         return self._conn.state == _BODY_DONE
 
-    def stream(self, on_body: Callable[[bytes], None]) -> asyncio.Future[None]:
-        """Hand each further read of the body to ``on_body``; the future ends with the body."""
-        return self._conn.stream(on_body)
+    def stream(
+        self, on_body: Callable[[bytes], None], on_end: Callable[[bytes], None] | None = None
+    ) -> asyncio.Future[None]:
+        """Hand each further read of the body to ``on_body``; the future ends with the body.
+
+        With ``on_end``, the read that completes the body goes to ``on_end`` instead (``b""`` if
+        the end came with no bytes), from the read's own callback: the caller can send the
+        last bytes and its own end of the response in one write.
+        """
+        return self._conn.stream(on_body, on_end)
 
     def pause(self) -> None:
         self._conn.pause()
@@ -103,6 +110,7 @@ class _Connection(asyncio.Protocol):
         self._head: asyncio.Future[Exchange] | None = None
         self._done: asyncio.Future[None] | None = None
         self._on_body: Callable[[bytes], None] | None = None
+        self._on_end: Callable[[bytes], None] | None = None
         self._pieces: list[bytes] = []
         self._received = 0
         self._head_bytes = 0
@@ -218,6 +226,7 @@ class _Connection(asyncio.Protocol):
         self._pieces = []
         self._status_text = []
         self._on_body = None
+        self._on_end = None
         self._done = None
         self._failure = None
         self._head = self._loop.create_future()
@@ -241,29 +250,37 @@ class _Connection(asyncio.Protocol):
             if not head.done():
                 head.set_result(exchange)
             return
+        on_body = self._on_body
+        if on_body is None:
+            return  # nobody is streaming yet: the pieces wait for ``stream``
+        done = self.state == _BODY_DONE and self._done is not None and not self._done.done()
         pieces = self._pieces
-        if pieces and self._on_body is not None:
-            self._pieces = []
-            try:
-                self._on_body(pieces[0] if len(pieces) == 1 else b"".join(pieces))
-            except Exception as error:  # noqa: BLE001 - ends this exchange, never the loop
-                self._fail(error)
-                return
-        if self.state == _BODY_DONE and self._done is not None and not self._done.done():
+        self._pieces = []
+        data = (pieces[0] if len(pieces) == 1 else b"".join(pieces)) if pieces else b""
+        try:
+            if done and self._on_end is not None:
+                self._on_end(data)
+            elif data:
+                on_body(data)
+        except Exception as error:  # noqa: BLE001 - ends this exchange, never the loop
+            self._fail(error)
+            return
+        if done:
+            assert self._done is not None
             self._cancel_timers()
             self._done.set_result(None)
 
-    def stream(self, on_body: Callable[[bytes], None]) -> asyncio.Future[None]:
+    def stream(
+        self, on_body: Callable[[bytes], None], on_end: Callable[[bytes], None] | None
+    ) -> asyncio.Future[None]:
         done = self._loop.create_future()
         self._done = done
         self._on_body = on_body
-        if self._pieces:  # bytes that arrived after the head was handed over, before this call
+        self._on_end = on_end
+        if self._pieces or self.state == _BODY_DONE:  # bytes, or the end, came before this call
             self._deliver()
         if not done.done():
-            if self.state == _BODY_DONE:
-                self._cancel_timers()
-                done.set_result(None)
-            elif self._failure is not None:
+            if self._failure is not None:
                 done.set_exception(self._failure)
             elif self.lost:
                 done.set_exception(UpstreamDisconnected())
@@ -309,6 +326,7 @@ class _Connection(asyncio.Protocol):
         reusable = self.state == _BODY_DONE and self._keep_alive and not self.lost and not self._paused
         self._exchange = None
         self._on_body = None
+        self._on_end = None
         self._done = None
         self._cancel_timers()
         if reusable:
