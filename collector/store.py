@@ -31,7 +31,7 @@ from sqlalchemy.pool import NullPool, StaticPool
 
 from collector.config import database_url, redact_url
 from collector.errors import DatabaseUnavailable, UsageError
-from collector.models import CALL_TAGS, CALLS, row_from_record, tag_rows_from_record
+from collector.models import CALL_TAGS, CALLS, json_dumps, row_from_record, tag_rows_from_record
 from collector.record import UsageRecord
 
 __all__ = [
@@ -108,7 +108,7 @@ def _create_engine(url: URL, *, for_migration: bool = False) -> Engine:
     if for_migration:
         kwargs["poolclass"] = StaticPool if _is_memory_sqlite(url) else NullPool
     try:
-        engine = sa.create_engine(url, connect_args=connect_args, **kwargs)
+        engine = sa.create_engine(url, connect_args=connect_args, json_serializer=json_dumps, **kwargs)
     except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as error:
         raise UsageError(f"cannot use database URL {url.render_as_string(hide_password=True)}: {error}") from None
     if url.get_backend_name() == "sqlite":

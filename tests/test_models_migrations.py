@@ -7,21 +7,38 @@ SQLite and PostgreSQL alike.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
 import textwrap
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.script import ScriptDirectory
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
+from sqlalchemy.dialects.sqlite import pysqlite as sqlite_dialect
+from sqlalchemy.types import TypeDecorator
 
-from collector.models import CALL_TAGS, CALLS, Call, CallTag, decimal_to_pico, pico_to_decimal
+from collector.models import (
+    CALL_TAGS,
+    CALLS,
+    Call,
+    CallTag,
+    Money,
+    UTCDateTime,
+    decimal_to_pico,
+    json_dumps,
+    pico_to_decimal,
+)
 from collector.record import UsageRecord
 from collector.store import LedgerStore, alembic_config, head_revision
 
@@ -151,6 +168,81 @@ def test_money_refuses_what_it_cannot_store_exactly() -> None:
     assert decimal_to_pico(Decimal("0.00000000280000000")) == 2800
     assert pico_to_decimal(2800) == Decimal("0.0000000028")
     assert pico_to_decimal(Decimal(10**30)) == Decimal(10**18)  # a PostgreSQL NUMERIC sum, exact
+
+
+class _Moment(datetime):
+    """A datetime subclass (as pandas' Timestamp is one): never taken for a plain datetime."""
+
+
+def _outcome(process: Any, value: Any) -> Any:
+    try:
+        return ("value", process(value))
+    except Exception as error:  # noqa: BLE001 - the refusal itself is what is compared
+        return ("raises", type(error), str(error))
+
+
+@pytest.mark.parametrize(
+    "dialect", [sqlite_dialect.dialect(), psycopg_dialect.dialect()], ids=["sqlite", "postgresql-psycopg"]
+)
+def test_fused_bind_processors_bind_exactly_what_the_composed_ones_do(dialect: sa.Dialect) -> None:
+    # UTCDateTime and Money fuse TypeDecorator's process_bind_param with the dialect's own
+    # processor for speed; what they bind (or refuse) must not change by a character.
+    utc, beijing = timezone.utc, timezone(timedelta(hours=8))
+    times = [
+        datetime(2026, 3, 1, 12, 0, tzinfo=utc),  # no microseconds: still written with six zeros
+        datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=utc),
+        datetime(1, 1, 1, tzinfo=utc),
+        datetime(999, 7, 4, 1, 2, 3, 4, tzinfo=utc),
+        datetime(9999, 12, 31, 23, 59, 59, 1, tzinfo=utc),
+        datetime(2026, 8, 17, 9, 30, 0, 123456, tzinfo=beijing),
+        datetime(2026, 8, 17, 9, 30, tzinfo=ZoneInfo("UTC")),
+        datetime(2026, 3, 29, 1, 30, tzinfo=ZoneInfo("Europe/Berlin")),
+        _Moment(2026, 3, 1, 12, 0, 5, tzinfo=utc),
+        datetime(2026, 3, 1, 12, 0),  # naive: refused
+        None,
+        date(2026, 3, 1),  # not a datetime: refused
+        "2026-03-01 12:00:00",
+    ]
+    column_type = UTCDateTime().dialect_impl(dialect)  # as SQLAlchemy binds it: the impl adapted to the dialect
+    fused, composed = column_type.bind_processor(dialect), TypeDecorator.bind_processor(column_type, dialect)
+    assert fused is not None and composed is not None
+    for value in times:
+        assert _outcome(fused, value) == _outcome(composed, value), value
+    amounts = [None, Decimal("0"), Decimal("0.000000002800"), Decimal("-1682.5"), Decimal("9223372.036854775807"),
+               Decimal("9223372.036854775808"), Decimal("1e-13"), Decimal("NaN"), 7, 0.1, True, "1.00"]
+    money = Money().dialect_impl(dialect)
+    fused, composed = money.bind_processor(dialect), TypeDecorator.bind_processor(money, dialect)
+    assert fused is not None and composed is not None
+    for value in amounts:
+        assert _outcome(fused, value) == _outcome(composed, value), value
+
+
+_JSON_SCALARS = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from('\x00"\\\n\u2028\U0001f600'))
+)
+_JSON_VALUES = st.recursive(
+    _JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=8) | st.integers() | st.booleans() | st.none() | st.floats(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(_JSON_VALUES)
+@settings(max_examples=300, deadline=None)
+def test_the_ledgers_json_serializer_writes_exactly_what_json_dumps_does(value: Any) -> None:
+    assert json_dumps(value) == json.dumps(value)
+
+
+def test_the_ledgers_json_serializer_refuses_what_json_dumps_refuses() -> None:
+    circular: list[Any] = []
+    circular.append(circular)
+    for bad in ({"at": datetime(2026, 1, 1)}, {"cost": Decimal("1")}, {1j: 2}, circular):
+        with pytest.raises((TypeError, ValueError)):
+            json.dumps(bad)
+        with pytest.raises((TypeError, ValueError, RecursionError)):
+            json_dumps(bad)
 
 
 def test_times_come_back_aware_utc_for_any_offset_given(db_url: str) -> None:
