@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -40,7 +41,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from collector.models import row_from_record
+from collector.models import call_row
 from collector.record import UsageRecord, utcnow
 from collector.reporting_schema import (
     ROLLUP_COUNT_COLUMNS,
@@ -109,47 +110,53 @@ def _add_each(into: dict[RollupKey, Sums], sums: dict[RollupKey, Sums]) -> None:
 def rollup_sums(records: Iterable[UsageRecord]) -> tuple[dict[RollupKey, Sums], dict[str, dict[str, str]]]:
     """What ``records`` add to the rollup: sums per rollup key, and the tag sets they use by id.
 
-    Pure. Each record is first fitted exactly as the ledger stores it (``row_from_record``),
-    so the sums equal what a raw query over the stored rows gives.
+    Pure. Each record is first fitted exactly as the ledger stores it (``call_row``), so the
+    sums equal what a raw query over the stored rows gives.
     """
-    return sums_of_rows(row_from_record(record) for record in records)
+    return sums_of_rows(call_row(record) for record in records)
 
 
-def sums_of_rows(rows: Iterable[dict[str, Any]]) -> tuple[dict[RollupKey, Sums], dict[str, dict[str, str]]]:
-    """``rollup_sums`` of ``calls`` rows as ``row_from_record`` builds them (the store's own, reused)."""
+_COUNTED = ROLLUP_COUNT_COLUMNS[3:]  # summed as they are; the first three count calls
+_counted_values = operator.attrgetter(*_COUNTED)
+_money_values = operator.attrgetter(*ROLLUP_MONEY_COLUMNS)
+
+
+def sums_of_rows(rows: Iterable[Any]) -> tuple[dict[RollupKey, Sums], dict[str, dict[str, str]]]:
+    """``rollup_sums`` of ``calls`` rows as ``call_row`` builds them (``CallRow``: the store's own, reused)."""
     out: dict[RollupKey, Sums] = {}
     tag_sets: dict[str, dict[str, str]] = {}
     set_ids: dict[tuple[tuple[str, str], ...], str] = {}  # a batch has few distinct tag sets: hash each once
     for row in rows:
-        given = tuple(row["tags"].items()) if row["tags"] else ()
+        given = tuple(row.tags.items()) if row.tags else ()
         set_id = set_ids.get(given)
         if set_id is None:
-            tags = canonical_tags(row["tags"])
+            tags = canonical_tags(row.tags)
             set_id = set_ids[given] = tag_set_id(tags)
             tag_sets.setdefault(set_id, tags)
-        model = row["model"] if row["model"] is not None else row["requested_model"]
+        model = row.model if row.model is not None else row.requested_model
         key: RollupKey = (
-            row["started_at"].astimezone(timezone.utc).date(),
+            row.started_at.astimezone(timezone.utc).date(),
             UNKNOWN if model is None else model,
-            row["status"],
-            row["currency"] or UNKNOWN,
-            row["key_fingerprint"] or UNKNOWN,
+            row.status,
+            row.currency or UNKNOWN,
+            row.key_fingerprint or UNKNOWN,
             set_id,
-            row["tariff_id"] or UNKNOWN,
+            row.tariff_id or UNKNOWN,
         )
         sums = out.get(key)
         if sums is None:
             sums = out[key] = _zero()
         sums["calls"] += 1
-        if row["cost"] is None and (row["prompt_tokens"] is not None or row["completion_tokens"] is not None):
+        if row.cost is None and (row.prompt_tokens is not None or row.completion_tokens is not None):
             sums["unpriced_calls"] += 1
-        if row["usage_estimated"]:
+        if row.usage_estimated:
             sums["estimated_calls"] += 1
-        for name in ROLLUP_COUNT_COLUMNS[3:]:
-            sums[name] += row[name] or 0
-        for name in ROLLUP_MONEY_COLUMNS:
-            if row[name] is not None:
-                sums[name] += row[name]
+        for name, value in zip(_COUNTED, _counted_values(row)):
+            if value:
+                sums[name] += value
+        for name, value in zip(ROLLUP_MONEY_COLUMNS, _money_values(row)):
+            if value is not None:
+                sums[name] += value
     return out, tag_sets
 
 
@@ -229,10 +236,17 @@ def _row(key: RollupKey, sums: Sums) -> dict[str, Any]:
     return row
 
 
+# rollup_daily's columns are the key's, then the measures': a row is the key plus its sums, in that order.
+_measures_of = operator.itemgetter(*_MEASURES)
+if [c.key for c in ROLLUP_DAILY.columns] != [*ROLLUP_KEY_COLUMNS, *_MEASURES]:  # pragma: no cover
+    raise RuntimeError("rollup_daily's columns are no longer (key columns, measures) in order")
+
+
 def _add_sums(connection: Connection, sums: dict[RollupKey, Sums]) -> None:
     """Add ``sums`` to the rollup rows (created when absent), in key order so writers never deadlock."""
     if sums:
-        _statements(connection.dialect).add_sums.execute(connection, [_row(key, sums[key]) for key in sorted(sums)])
+        add = _statements(connection.dialect).add_sums
+        add.execute_values(connection, [add.row_values(key + _measures_of(sums[key])) for key in sorted(sums)])
 
 
 def _stamp(connection: Connection, days: Iterable[date], at: datetime) -> None:
@@ -389,7 +403,7 @@ class RollupHook:
 
     # -- in the batch's transaction (collector.store.TransactionCompanion) ----------------------
 
-    def stage(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
+    def stage(self, connection: Connection, rows: list[Any]) -> None:
         """Add the sums of ``rows`` (and any waiting ones) inside the caller's transaction.
 
         Holds the hook's lock until ``settle``, so no ``flush`` writes the waiting sums twice.
@@ -403,8 +417,10 @@ class RollupHook:
         try:
             started = utcnow()
             sums, tag_sets = sums_of_rows(rows)
-            merged = {key: dict(value) for key, value in self._pending.items()}
-            _add_each(merged, sums)
+            merged = sums  # nothing waits, the usual case: the batch's own sums, not a copy of them
+            if self._pending:
+                merged = {key: dict(value) for key, value in self._pending.items()}
+                _add_each(merged, sums)
             with connection.begin_nested():
                 self._write_in(connection, merged, {**self._pending_tags, **tag_sets}, started, exclusive=False)
             ok = True

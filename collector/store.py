@@ -17,7 +17,7 @@ from __future__ import annotations
 import operator
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,7 +31,7 @@ from sqlalchemy.pool import NullPool, StaticPool
 
 from collector.config import database_url, redact_url
 from collector.errors import DatabaseUnavailable, UsageError
-from collector.models import CALL_TAGS, CALLS, json_dumps, row_from_record, tag_rows_from_record
+from collector.models import CALL_TAGS, CALLS, call_row, json_dumps, tag_pairs
 from collector.record import UsageRecord
 
 __all__ = [
@@ -209,15 +209,11 @@ class _AlreadyStored(Exception):
     """Raised inside the fast path's savepoint when some of the batch was stored already: rolls it back."""
 
 
-def _tag_rows(records: Iterable[UsageRecord]) -> list[dict[str, Any]]:
-    return [row for record in records for row in tag_rows_from_record(record)]
-
-
 class TransactionCompanion(Protocol):
     """Writes that must commit with a batch of calls or not at all (the writer's rollup)."""
 
-    def stage(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
-        """Called inside the batch's transaction with the ``calls`` rows it added."""
+    def stage(self, connection: Connection, rows: list[Any]) -> None:
+        """Called inside the batch's transaction with the ``calls`` rows it added (``collector.models.CallRow``)."""
 
     def settle(self, committed: bool) -> None:
         """Called once after ``stage``: whether that transaction committed."""
@@ -229,6 +225,7 @@ class BulkInsert:
     Values go through each column type's own bind processor (Money, UTCDateTime, Uuid,
     JSON), exactly as SQLAlchemy would, but without its per-row statement machinery: with
     psycopg that is one pipelined round trip per batch, with sqlite3 one C-level loop.
+    Rows are dicts (``execute``) or sequences in the table's column order (``execute_values``).
     """
 
     def __init__(self, statement: Any, table: sa.Table, dialect: sa.Dialect) -> None:
@@ -241,55 +238,67 @@ class BulkInsert:
         names = list(compiled.positiontup) if compiled.positional and compiled.positiontup else None
         self.positional = names is not None
         self._names = names if names is not None else keys
+        if sorted(self._names) != sorted(keys):  # pragma: no cover - every statement here binds every column
+            raise ValueError(f"{table.name}: the statement must bind each column once")
+        # Where each statement parameter sits in a row given in table order.
+        self._order = None if self._names == keys else operator.itemgetter(*[keys.index(n) for n in self._names])
         # One C-level lookup of every value, then Python only for the columns that convert
         # (a third of them): the per-row loop over all columns was a third of the writer's CPU.
         self._values = operator.itemgetter(*self._names)
         self._convert = [(i, process) for i, name in enumerate(self._names) if (process := processors.get(name))]
 
-    def values(self, row: dict[str, Any]) -> tuple[Any, ...]:
-        """The row's converted values, in statement order (the table's column order unless positional)."""
-        values = self._values(row)
-        if len(self._names) == 1:
-            values = (values,)
+    def _converted(self, values: Any) -> tuple[Any, ...]:
         if self._convert:
             values = list(values)
             for i, process in self._convert:
                 values[i] = process(values[i])
         return tuple(values)
 
-    def params(self, row: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
-        values = self.values(row)
-        return values if self.positional else dict(zip(self._names, values))
+    def values(self, row: dict[str, Any]) -> tuple[Any, ...]:
+        """The row's converted values, in statement order."""
+        values = self._values(row)
+        return self._converted((values,) if len(self._names) == 1 else values)
+
+    def row_values(self, row: Sequence[Any]) -> tuple[Any, ...]:
+        """Like ``values``, for a row given in the table's column order (a ``CallRow``)."""
+        return self._converted(row if self._order is None else self._order(row))
+
+    def _run(self, connection: Connection, values: list[tuple[Any, ...]]) -> int:
+        if not values:
+            return 0
+        params = values if self.positional else [dict(zip(self._names, row)) for row in values]
+        return int(connection.exec_driver_sql(self.sql, params).rowcount)
 
     def execute(self, connection: Connection, rows: list[dict[str, Any]]) -> int:
         """Run the statement once per row; returns the rows it changed (0 for ON CONFLICT DO NOTHING skips)."""
-        if not rows:
-            return 0
-        return int(connection.exec_driver_sql(self.sql, [self.params(row) for row in rows]).rowcount)
+        return self._run(connection, [self.values(row) for row in rows])
+
+    def execute_values(self, connection: Connection, values: list[tuple[Any, ...]]) -> int:
+        """``execute`` for values already converted, in statement order (``row_values``)."""
+        return self._run(connection, values)
 
 
 class BulkCopy:
-    """``COPY table (every column) FROM STDIN`` with psycopg, values converted as ``BulkInsert`` converts them.
+    """``COPY table (every column) FROM STDIN`` with psycopg, of values converted as ``BulkInsert`` converts them.
 
     For PostgreSQL's server, COPY is about half the CPU of the same rows as a pipelined
     INSERT executemany (no per-row parse, bind and executor start), and for the client
     psycopg formats each row in C. It cannot skip a row that is already there: a duplicate
-    fails the whole COPY (see ``LedgerStore._write_postgresql``).
+    fails the whole COPY (see ``LedgerStore._write_rows``).
     """
 
     def __init__(self, table: sa.Table, dialect: sa.Dialect) -> None:
-        self._rows = BulkInsert(sa.insert(table), table, dialect)
-        if self._rows.positional:  # pragma: no cover - psycopg's paramstyle is pyformat
-            raise ValueError("BulkCopy needs the table's column order")
         quote = dialect.identifier_preparer.quote
         self.sql = f"COPY {quote(table.name)} ({', '.join(quote(column.name) for column in table.columns)}) FROM STDIN"
 
-    def execute(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
-        if not rows:
+    def execute_values(self, connection: Connection, values: list[tuple[Any, ...]]) -> None:
+        """COPY rows of converted values in the table's column order (``BulkInsert.row_values``).
+
+        They are converted before the COPY starts, so a value the bind processors refuse (a
+        float for money, a naive datetime) raises there, as it does for an INSERT.
+        """
+        if not values:
             return
-        # Every value is converted before the COPY starts, so a value the bind processors refuse
-        # (a float for money, a naive datetime) raises here, as it does for an INSERT.
-        values = [self._rows.values(row) for row in rows]
         with _driver_errors(connection, self.sql):
             cursor = connection.connection.cursor()
             try:
@@ -352,6 +361,13 @@ class LedgerStore:
         self._copy_tags: BulkCopy | None = None
         if self.dialect == "postgresql" and dialect.driver == "psycopg":
             self._copy_calls, self._copy_tags = BulkCopy(calls, dialect), BulkCopy(tags, dialect)
+        # A tag row's request_id is bound exactly as its call's (same column type): it is taken
+        # from the call's converted values rather than converted again.
+        if [c.key for c in tags.columns] != ["request_id", "key", "value"] or not isinstance(
+            tags.c.request_id.type, type(calls.c.request_id.type)
+        ):  # pragma: no cover - a schema change must revisit _tag_values
+            raise RuntimeError("call_tags is no longer (request_id, key, value) with the calls' request_id type")
+        self._request_id_slot = [c.key for c in calls.columns].index("request_id")
 
     # -- identity ---------------------------------------------------------------------
 
@@ -477,7 +493,7 @@ class LedgerStore:
             unique.setdefault(record.request_id, record)
         if not unique:
             return []
-        rows = [row_from_record(record) for record in unique.values()]
+        rows = [call_row(record) for record in unique.values()]
         self.ensure_schema()
         staged = committed = False
         try:
@@ -486,11 +502,11 @@ class LedgerStore:
                 # its insert skipped, the days its rollup re-derives) stays as found until it commits.
                 connection.execution_options(dsmeter_sqlite_begin="BEGIN IMMEDIATE")
                 with connection.begin():
-                    added = self._write_rows(connection, rows, unique)
+                    added = self._write_rows(connection, rows)
                     if companion is not None and added:
                         staged = True
                         companion.stage(
-                            connection, rows if len(added) == len(rows) else [r for r in rows if r["request_id"] in added]
+                            connection, rows if len(added) == len(rows) else [r for r in rows if r.request_id in added]
                         )
                 committed = True
         except exc.SQLAlchemyError as error:
@@ -504,9 +520,12 @@ class LedgerStore:
             return list(unique.values())
         return [record for request_id, record in unique.items() if request_id in added]
 
-    def _write_rows(
-        self, connection: Connection, rows: list[dict[str, Any]], records: dict[uuid.UUID, UsageRecord]
-    ) -> set[uuid.UUID]:
+    def _tag_values(self, rows: list[Any], call_values: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """The ``call_tags`` rows of these calls, converted, in column order (request_id, key, value)."""
+        slot = self._request_id_slot
+        return [(values[slot], key, value) for row, values in zip(rows, call_values) for key, value in tag_pairs(row.tags)]
+
+    def _write_rows(self, connection: Connection, rows: list[Any]) -> set[uuid.UUID]:
         """Write the calls not stored yet and their tags, in the caller's transaction; return the ids written.
 
         A batch is almost always entirely new (a request id repeats only when a spool replay or
@@ -516,23 +535,26 @@ class LedgerStore:
         was stored already, the savepoint is rolled back and the batch is inserted again with
         ``ON CONFLICT DO NOTHING RETURNING``, which names exactly the rows it added.
         """
+        # Converted once, before anything is sent: a value the column types refuse raises here.
+        call_values = [self._insert_calls.row_values(row) for row in rows]
         try:
             with connection.begin_nested():
                 if self._copy_calls is not None and self._copy_tags is not None:
-                    self._copy_calls.execute(connection, rows)
-                    self._copy_tags.execute(connection, _tag_rows(records.values()))
-                    return set(records)
-                if self._insert_calls.execute(connection, rows) == len(rows):
-                    self._insert_tags.execute(connection, _tag_rows(records.values()))
-                    return set(records)
+                    self._copy_calls.execute_values(connection, call_values)
+                    self._copy_tags.execute_values(connection, self._tag_values(rows, call_values))
+                    return {row.request_id for row in rows}
+                if self._insert_calls.execute_values(connection, call_values) == len(rows):
+                    self._insert_tags.execute_values(connection, self._tag_values(rows, call_values))
+                    return {row.request_id for row in rows}
                 raise _AlreadyStored
         except _AlreadyStored:
             pass
         except exc.IntegrityError as error:
             if getattr(error.orig, "sqlstate", None) != _UNIQUE_VIOLATION:
                 raise
-        added = set(connection.execute(self._insert_calls_returning, rows).scalars())
-        self._insert_tags.execute(connection, _tag_rows(r for i, r in records.items() if i in added))
+        added = set(connection.execute(self._insert_calls_returning, [row._asdict() for row in rows]).scalars())
+        kept = [(row, values) for row, values in zip(rows, call_values) if row.request_id in added]
+        self._insert_tags.execute_values(connection, self._tag_values([r for r, _ in kept], [v for _, v in kept]))
         return added
 
     def insert_isolating(

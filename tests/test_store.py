@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import socket
 import threading
 from datetime import datetime, timedelta, timezone
@@ -12,10 +13,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from collector.errors import DatabaseUnavailable, UsageError
-from collector.models import Call, CallTag, record_from_row, row_from_record
-from collector.record import Status, UsageRecord
+from collector.models import Call, CallTag, call_row, record_from_row, row_from_record, tag_pairs, tag_rows_from_record
+from collector.record import Endpoint, Status, UsageRecord
 from collector.store import LedgerStore, database_identity, head_revision
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -175,6 +178,47 @@ def test_the_first_write_migrates_a_new_database(db_url: str) -> None:
     assert store.insert([_record()]) == 1
     assert store.current_revision() == head_revision()
     store.close()
+
+
+def _fit_reference(value: Any, limit: int | None) -> Any:
+    """The fitting rule, spelled out plainly: text (an enum by its value), NUL marked, cut to the column."""
+    if value is None:
+        return None
+    text = value.value if isinstance(value, enum.Enum) else value
+    text = str(text).replace("\x00", "\ufffd")
+    return text if limit is None else text[:limit]
+
+
+_ODD = st.characters(codec="utf-8") | st.sampled_from("\x00\ufffd")
+_ODD_TEXT = st.text(_ODD, max_size=12) | st.builds(lambda c, n: c * n, _ODD, st.integers(95, 1100))
+_ODD_VALUE = st.none() | _ODD_TEXT | st.sampled_from([Status.ERROR, Endpoint.ANTHROPIC_MESSAGES]) | st.integers()
+
+
+@given(
+    strings=st.fixed_dictionaries(
+        {name: _ODD_VALUE for name, column in Call.__table__.columns.items() if isinstance(column.type, sa.String)}
+    ),
+    tags=st.dictionaries(_ODD_TEXT | st.integers(), _ODD_TEXT | st.integers(), max_size=4),
+)
+@settings(max_examples=200, deadline=None)
+def test_rows_are_fitted_by_the_plain_rule_whatever_the_strings(strings: dict[str, Any], tags: dict[Any, Any]) -> None:
+    # call_row takes fast paths (C-level checks, tags kept as given when plain); the stored
+    # row, its tags column and its call_tags rows must be what the plain rule gives.
+    record = dataclasses.replace(_record(), **strings, tags=tags)
+    limits = {name: column.type.length for name, column in Call.__table__.columns.items() if isinstance(column.type, sa.String)}
+    row = call_row(record)
+    for name, limit in limits.items():
+        assert getattr(row, name) == _fit_reference(getattr(record, name), limit), name
+    expected_tags = {_fit_reference(k, None): _fit_reference(v, None) for k, v in tags.items()}
+    assert row.tags == expected_tags and row.tags is not tags
+    expected_pairs: dict[str, str] = {}
+    for key, value in expected_tags.items():
+        expected_pairs.setdefault(key[:100], value[:500])
+    assert tag_pairs(row.tags) == list(expected_pairs.items())
+    assert tag_rows_from_record(record) == [
+        {"request_id": record.request_id, "key": k, "value": v} for k, v in expected_pairs.items()
+    ]
+    assert row_from_record(record) == dict(zip(row._fields, row))
 
 
 def test_over_long_strings_are_cut_to_their_columns_not_refused(db_url: str) -> None:
