@@ -217,6 +217,14 @@ def test_fused_bind_processors_bind_exactly_what_the_composed_ones_do(dialect: s
         assert _outcome(fused, value) == _outcome(composed, value), value
 
 
+@given(st.datetimes(timezones=st.just(timezone.utc) | st.timezones()))
+@settings(max_examples=500, deadline=None)
+def test_any_aware_time_is_bound_on_sqlite_exactly_as_sqlalchemy_binds_it(moment: datetime) -> None:
+    dialect = sqlite_dialect.dialect()
+    column_type = UTCDateTime().dialect_impl(dialect)
+    assert column_type.bind_processor(dialect)(moment) == TypeDecorator.bind_processor(column_type, dialect)(moment)
+
+
 _JSON_SCALARS = (
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from('\x00"\\\n\u2028\U0001f600'))
