@@ -17,7 +17,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collector.errors import DatabaseUnavailable, UsageError
-from collector.models import Call, CallTag, call_row, record_from_row, row_from_record, tag_pairs, tag_rows_from_record
+from collector.models import (
+    Call,
+    CallTag,
+    call_row,
+    record_from_row,
+    row_from_record,
+    tag_pairs,
+    tag_rows_from_record,
+)
 from collector.record import Endpoint, Status, UsageRecord
 from collector.store import LedgerStore, database_identity, head_revision
 

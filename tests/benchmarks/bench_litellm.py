@@ -14,7 +14,8 @@ straight to the simulator, through dsmeter and through LiteLLM:
   generator, the simulator and the proxy, so once a proxy is cheap its streams/s measures
   the other two; CPU per stream is what the proxy itself costs, whatever else runs;
 - paced: 100 concurrent streams of 100 chunks 20 ms apart (a realistic generation), time to
-  first byte p50 of each, and what each proxy adds to the direct figure.
+  first byte p50 of each, and what each proxy adds to the direct figure; with steady
+  arrivals (the streams start spread out, 100 always in flight) and as a burst (all at once).
 
 LiteLLM runs in its lightest setup (no database, no master key, no callbacks), so it does
 less than dsmeter, which meters every call into its SQLite ledger. LiteLLM does not pass a
@@ -214,15 +215,22 @@ def main(argv: list[str] | None = None) -> int:
             out: dict[str, Any] = {"runs": results}
             if not args.no_paced:
                 paced_headers = {**headers, "X-Simulator-Output-Tokens": "100", "X-Simulator-Chunk-Delay-Ms": f"{delay_ms:g}"}
-                direct = measure("direct", sim_url, 100, 200, _body("deepseek-v4-flash"), paced_headers, None)
-                ours = measure("dsmeter", dsmeter_url, 100, 200, _body("deepseek-v4-flash"), paced_headers, dsmeter)
-                theirs = measure("litellm", litellm.url, 100, 200, _body("bench-paced"), {**paced_headers, **their_headers}, litellm)
-                _same_streams(direct, ours, theirs)
-                base = direct.pct("ttfb", 50) * 1000
-                print(f"\npaced: 100 concurrent streams, 100 chunks {delay_ms:g} ms apart; TTFB p50: direct {base:.1f} ms, "
-                      f"dsmeter {ours.pct('ttfb', 50) * 1000:.1f} ms (+{ours.pct('ttfb', 50) * 1000 - base:.1f}), "
-                      f"litellm {theirs.pct('ttfb', 50) * 1000:.1f} ms (+{theirs.pct('ttfb', 50) * 1000 - base:.1f})")
-                out["paced"] = {"direct": _figures(direct), "dsmeter": _figures(ours), "litellm": _figures(theirs)}
+                # Steady: the 100 streams start spread over one stream's length (100 chunks), so 100
+                # stay in flight; burst: all 100 at the same instant (see bench_proxy.py).
+                for arrivals, stagger, streams in (("steady", 100 / args.paced_rate / 100, 300), ("burst", 0.0, 200)):
+                    direct = measure("direct", sim_url, 100, streams, _body("deepseek-v4-flash"), paced_headers, None, stagger)
+                    ours = measure("dsmeter", dsmeter_url, 100, streams, _body("deepseek-v4-flash"), paced_headers, dsmeter,
+                                   stagger)
+                    theirs = measure("litellm", litellm.url, 100, streams, _body("bench-paced"),
+                                     {**paced_headers, **their_headers}, litellm, stagger)
+                    _same_streams(direct, ours, theirs)
+                    base = direct.pct("ttfb", 50) * 1000
+                    print(f"\npaced, {arrivals}: 100 concurrent streams, 100 chunks {delay_ms:g} ms apart; TTFB p50: "
+                          f"direct {base:.1f} ms, dsmeter {ours.pct('ttfb', 50) * 1000:.1f} ms "
+                          f"({ours.pct('ttfb', 50) * 1000 - base:+.1f}), litellm {theirs.pct('ttfb', 50) * 1000:.1f} ms "
+                          f"({theirs.pct('ttfb', 50) * 1000 - base:+.1f})", flush=True)
+                    out[f"paced_{arrivals}"] = {"direct": _figures(direct), "dsmeter": _figures(ours),
+                                                "litellm": _figures(theirs)}
             out["settings"] = {"workers": args.workers, "output_tokens": args.output_tokens,
                                "litellm_version": args.litellm_version}
             print("conditions: " + ", ".join(f"{k}={v}" for k, v in conditions().items()))

@@ -9,9 +9,11 @@ simulator and through the proxy, in the same run. For each it reports:
 - streams per second (closed loop: each of N clients starts its next stream when one ends);
 - the proxy's CPU time per forwarded chunk (all its processes, from /proc), and so how
   many cores it needs for 100 concurrent streams at a given token rate;
-- a paced run: 100 concurrent streams at a realistic token rate (all started at once, the
-  hardest case for first-byte latency), in several rounds alternating direct and proxy, and
-  the cores the proxy actually used for them.
+- paced runs: 100 concurrent streams at a realistic token rate, in several rounds
+  alternating direct and proxy, and the cores the proxy actually used for them. Twice: with
+  steady arrivals (the 100 streams start spread over one stream's length, so 100 stay in
+  flight as in a service under constant load), and as a burst (all 100 start at the same
+  instant, the hardest case for first-byte latency: the last request waits behind 99).
 
 The load generator (``loadgen.py``, a lean httptools client), the simulator and the proxy share this machine's
 cores, so absolute figures depend on the machine; the direct runs are the baseline.
@@ -102,9 +104,9 @@ class Run:
 
 
 def measure(target: str, base_url: str, concurrency: int, streams: int, body: bytes, headers: dict[str, str],
-            proxy: Server | None) -> Run:
+            proxy: Server | None, stagger: float = 0.0) -> Run:
     cpu_before = proxy.cpu_seconds() if proxy else 0.0
-    wall, samples = closed_loop(base_url + "/chat/completions", concurrency, streams, body, headers)
+    wall, samples = closed_loop(base_url + "/chat/completions", concurrency, streams, body, headers, stagger)
     cpu = proxy.cpu_seconds() - cpu_before if proxy else None
     return Run(target, concurrency, streams, wall, samples, cpu)
 
@@ -116,7 +118,7 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:8.2f}"
 
 
-def report(pairs: list[tuple[Run, Run]], paced: list[tuple[Run, Run]], rate: float) -> dict[str, Any]:
+def report(pairs: list[tuple[Run, Run]], paced: dict[str, list[tuple[Run, Run]]], rate: float) -> dict[str, Any]:
     print()
     print("conc  target   streams/s   TTFB p50  TTFB p99   TTLB p50  TTLB p99   (ms)")
     results: list[dict[str, Any]] = []
@@ -142,15 +144,16 @@ def report(pairs: list[tuple[Run, Run]], paced: list[tuple[Run, Run]], rate: flo
     needed = worst * 1e-6 * 100 * rate
     print(f"\nproxy CPU per chunk (worst level): {worst:.1f} us -> 100 streams at {rate:g} chunks/s need {needed:.2f} cores")
     out["cores_for_100_streams_at_rate"] = {"chunks_per_second_per_stream": rate, "cores": needed}
-    if paced:
-        out["paced"] = paced_report(paced, rate)
+    for arrivals, rounds in paced.items():
+        out[f"paced_{arrivals}"] = paced_report(rounds, rate, arrivals)
     return out
 
 
-def paced_report(rounds: list[tuple[Run, Run]], rate: float) -> dict[str, Any]:
-    """The paced streams, round by round: a burst of 100 requests at once is at the mercy of the
-    scheduler, so one round proves little; the median over rounds of what the proxy added is the figure."""
-    print(f"\npaced: 100 concurrent streams at ~{rate:g} chunks/s each, {len(rounds)} rounds (direct, then proxy)")
+def paced_report(rounds: list[tuple[Run, Run]], rate: float, arrivals: str) -> dict[str, Any]:
+    """The paced streams, round by round: 100 streams share the cores with the simulator and the
+    load generator, so one round proves little; the median over rounds of what the proxy added is the figure."""
+    how = "arriving steadily" if arrivals == "steady" else "all started at once"
+    print(f"\npaced, {how}: 100 concurrent streams at ~{rate:g} chunks/s each, {len(rounds)} rounds (direct, then proxy)")
     print("round  TTFB p50 direct  proxy   added    TTLB p50 added   proxy cores")
     added_ttfb, added_ttlb, cores = [], [], []
     for n, (direct, proxied) in enumerate(rounds, 1):
@@ -229,12 +232,17 @@ def main(argv: list[str] | None = None) -> int:
                 proxied = measure("proxy", proxy_url, level, streams, body, headers, proxy)
                 pairs.append((direct, proxied))
                 print(f"  {level:3d} concurrent: done ({streams} streams each way)")
-            paced: list[tuple[Run, Run]] = []
+            paced: dict[str, list[tuple[Run, Run]]] = {}
             if not args.no_paced and not args.quick:
                 paced_headers = {**headers, "X-Simulator-Chunk-Delay-Ms": f"{1000.0 / args.paced_rate:g}"}
-                for _ in range(args.paced_rounds):
-                    paced.append((measure("direct", sim_url, 100, 200, body, paced_headers, None),
-                                  measure("proxy", proxy_url, 100, 200, body, paced_headers, proxy)))
+                # Steady: one stream lasts output_tokens / rate seconds; starting the 100 that far
+                # apart in all keeps 100 in flight with arrivals evenly spread.
+                stagger = args.output_tokens / args.paced_rate / 100
+                for arrivals, spread, streams in (("steady", stagger, 300), ("burst", 0.0, 200)):
+                    paced[arrivals] = [
+                        (measure("direct", sim_url, 100, streams, body, paced_headers, None, spread),
+                         measure("proxy", proxy_url, 100, streams, body, paced_headers, proxy, spread))
+                        for _ in range(args.paced_rounds)]
             figures = report(pairs, paced, args.paced_rate)
             figures["settings"] = {"workers": args.workers, "output_tokens": args.output_tokens, "cpus": os.cpu_count(),
                                    "python": sys.version.split()[0]}

@@ -5,7 +5,9 @@ cores with the client that loads it, so what the client spends per chunk is take
 the target. This one parses with httptools on uvloop and does nothing per read but count
 events: about a quarter of what aiohttp's client spent per stream here, so the figures say
 more about the targets and less about the client. Each of N workers keeps one keep-alive
-connection and starts its next stream when one ends.
+connection and starts its next stream when one ends. With ``stagger``, worker k waits k times
+that long before its first measured stream: N streams stay in flight, but they arrive spread
+out, as real traffic does, instead of N at the same instant.
 
 Time to first byte is taken at the first byte of the body (the first SSE bytes), as a
 streaming client sees it; time to last byte when the body is complete.
@@ -112,7 +114,8 @@ def _request(url: str, body: bytes, headers: dict[str, str]) -> tuple[str, int, 
     return parts.hostname, parts.port, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-async def _run(url: str, concurrency: int, streams: int, body: bytes, headers: dict[str, str]) -> tuple[float, list[Sample]]:
+async def _run(url: str, concurrency: int, streams: int, body: bytes, headers: dict[str, str],
+               stagger: float) -> tuple[float, list[Sample]]:
     host, port, payload = _request(url, body, headers)
     loop = asyncio.get_running_loop()
 
@@ -121,13 +124,19 @@ async def _run(url: str, concurrency: int, streams: int, body: bytes, headers: d
 
     connections = [await connect() for _ in range(concurrency)]
     try:
-        # One stream per connection first, so connecting and warming up are not measured.
-        await asyncio.gather(*(conn.send(payload) for conn in connections))
+        # One stream per connection first, so connecting and warming up are not measured. Staggered,
+        # each worker's own first stream is that warm-up, so the measured streams all begin once the
+        # ramp is over and every one of them starts with the others in flight.
+        if not stagger:
+            await asyncio.gather(*(conn.send(payload) for conn in connections))
         remaining = streams
         samples: list[Sample] = []
 
         async def worker(slot: int) -> None:
             nonlocal remaining
+            if stagger:
+                await asyncio.sleep(slot * stagger)
+                await connections[slot].send(payload)
             while remaining > 0:
                 remaining -= 1
                 began = time.perf_counter()
@@ -145,12 +154,15 @@ async def _run(url: str, concurrency: int, streams: int, body: bytes, headers: d
             conn.close()
 
 
-def closed_loop(url: str, concurrency: int, streams: int, body: bytes, headers: dict[str, str]) -> tuple[float, list[Sample]]:
-    """``streams`` POSTs to ``url`` from ``concurrency`` connections at once: wall seconds and one sample each."""
+def closed_loop(url: str, concurrency: int, streams: int, body: bytes, headers: dict[str, str],
+                stagger: float = 0.0) -> tuple[float, list[Sample]]:
+    """``streams`` POSTs to ``url`` from ``concurrency`` connections at once: wall seconds and one sample each.
+
+    ``stagger`` spreads the workers' first streams ``stagger`` seconds apart (see the module's docstring)."""
     result: list[tuple[float, list[Sample]]] = []
 
     async def main() -> None:
-        result.append(await _run(url, concurrency, streams, body, headers))
+        result.append(await _run(url, concurrency, streams, body, headers, stagger))
 
     event_loop.run(main())
     return result[0]
