@@ -101,8 +101,9 @@ def iter_export_rows(engine: Engine, since: datetime | None, until: datetime | N
 # Aggregates (issue 6; owned by reports). Totals, spend by day x any dimension, breakdowns,
 # top spenders, month-to-date and its forecast, under one ``Filters``. Reports and the
 # dashboard both read these. Each reads the daily rollup (``collector.rollups``) when the
-# filters allow it (whole UTC days, rollup complete) and the raw ledger otherwise; both paths
-# give the same numbers (tests/test_rollups.py checks it). Money is exact Decimal throughout.
+# filters allow it (whole UTC days, rollup complete, no end user asked for) and the raw ledger
+# otherwise; both paths give the same numbers (tests/test_rollups.py checks it). Money is exact
+# Decimal throughout.
 # =============================================================================================
 
 import json as _json  # noqa: E402 - this section's own imports
@@ -152,6 +153,7 @@ __all__ += [
     "tariff_cache_prices",
     "canonical_tags",
     "tag_set_id",
+    "RAW_ONLY_DIMS",
     "uses_rollup",
     "rollup_complete",
     "aggregate",
@@ -185,7 +187,11 @@ MONEY_BUCKETS: dict[str, tuple[str, str]] = {
     "output": ("completion_tokens", "cost_output"),
 }
 # What ``spend_by_day`` / ``top_spenders`` can group by, besides ``tag:<key>``.
-SPEND_GROUPS: tuple[str, ...] = ("model", "bucket", "status", "key", "currency")
+SPEND_GROUPS: tuple[str, ...] = ("model", "bucket", "status", "key", "user", "currency")
+# Dimensions the daily rollup does not keep, so only the raw ledger can answer them. ``user``
+# (the request body's end-user id) can have millions of values: as a rollup column it would
+# make the rollup one row per user per day, about as large as the ledger it summarises.
+RAW_ONLY_DIMS: frozenset[str] = frozenset({"user"})
 RUN_RATE_DAYS = 7  # whole UTC days before ``as_of`` whose mean daily spend projects the month
 _TAG_PREFIX = "tag:"
 _DAY = _timedelta(days=1)
@@ -213,6 +219,8 @@ class Filters:
     * ``tags``: ``{key: value}`` or ``{key: (value, ...)}``: a call must carry each key with
       one of the values; ``{key: ()}`` means "carries the key, any value". Stored as tuples.
     * ``key_fingerprints``: API key fingerprints (never keys).
+    * ``users``: end-user ids (the request body's ``user`` field). The rollup has no user
+      column, so this filter always reads the raw ledger.
     """
 
     since: datetime | None = None
@@ -221,6 +229,7 @@ class Filters:
     statuses: tuple[str, ...] = ()
     tags: _Mapping[str, tuple[str, ...]] = _field(default_factory=dict)
     key_fingerprints: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("since", "until"):
@@ -232,17 +241,18 @@ class Filters:
         object.__setattr__(self, "models", _as_tuple(self.models))
         object.__setattr__(self, "statuses", _as_tuple(self.statuses))
         object.__setattr__(self, "key_fingerprints", _as_tuple(self.key_fingerprints))
+        object.__setattr__(self, "users", _as_tuple(self.users))
         tags = {str(key): _as_tuple(value) for key, value in dict(self.tags or {}).items()}
         object.__setattr__(self, "tags", tags)
 
     def __hash__(self) -> int:
         return hash((self.since, self.until, self.models, self.statuses,
-                     tuple(sorted(self.tags.items())), self.key_fingerprints))
+                     tuple(sorted(self.tags.items())), self.key_fingerprints, self.users))
 
     def between(self, since: datetime | None, until: datetime | None) -> Filters:
         """The same filters over another time range."""
         return Filters(since=since, until=until, models=self.models, statuses=self.statuses,
-                       tags=dict(self.tags), key_fingerprints=self.key_fingerprints)
+                       tags=dict(self.tags), key_fingerprints=self.key_fingerprints, users=self.users)
 
     @property
     def whole_days(self) -> bool:
@@ -332,16 +342,24 @@ def rollup_complete(engine: Engine) -> bool:
     return bool(row is not None and row[0])
 
 
-def uses_rollup(engine: Engine, filters: Filters, source: Source = "auto") -> bool:
-    """Whether a query under ``filters`` reads the rollup (True) or the raw ledger (False).
+def uses_rollup(engine: Engine, filters: Filters, source: Source = "auto", dims: _Sequence[str] = ()) -> bool:
+    """Whether a query under ``filters`` grouped by ``dims`` reads the rollup (True) or the raw ledger (False).
 
-    ``source="rollup"`` insists (a ``UsageError`` when the range is not whole UTC days or the
-    rollup is not built); ``"ledger"`` always reads raw; ``"auto"`` picks the rollup when it can.
+    ``source="rollup"`` insists (a ``UsageError`` when the range is not whole UTC days, the
+    rollup is not built, or ``dims`` / ``filters`` name the end user, which the rollup does not
+    keep, see ``RAW_ONLY_DIMS``); ``"ledger"`` always reads raw; ``"auto"`` picks the rollup
+    when it can.
     """
     if source == "ledger":
         return False
     if source not in ("auto", "rollup"):
         raise _UsageError(f"unknown source {source!r}; choose auto, rollup or ledger")
+    if filters.users or RAW_ONLY_DIMS.intersection(dims):
+        if source == "rollup":
+            raise _UsageError(
+                "the daily rollup has no end-user (user) column; group or filter by user with source auto or ledger"
+            )
+        return False
     if not filters.whole_days:
         if source == "rollup":
             raise _UsageError("the daily rollup answers whole UTC days only; since/until must be UTC midnights")
@@ -357,7 +375,7 @@ def uses_rollup(engine: Engine, filters: Filters, source: Source = "auto") -> bo
 
 
 def _dim_names(dims: _Sequence[str]) -> list[str]:
-    allowed = {"day", "model", "status", "currency", "key", "tariff", "tag_set"}
+    allowed = {"day", "model", "status", "currency", "key", "tariff", "tag_set", *RAW_ONLY_DIMS}
     names: list[str] = []
     for dim in dims:
         if dim in names:
@@ -399,6 +417,8 @@ def _raw_statement(dialect: str, filters: Filters, dims: list[str]) -> sa.Select
             columns.append(calls.c.currency.label(dim))
         elif dim == "key":
             columns.append(calls.c.key_fingerprint.label(dim))
+        elif dim == "user":
+            columns.append(calls.c.user.label(dim))
         elif dim == "tariff":
             columns.append(calls.c.tariff_id.label(dim))
         elif dim == "tag_set":
@@ -425,6 +445,8 @@ def _raw_statement(dialect: str, filters: Filters, dims: list[str]) -> sa.Select
         statement = statement.where(calls.c.status.in_(list(filters.statuses)))
     if filters.key_fingerprints:
         statement = statement.where(calls.c.key_fingerprint.in_(list(filters.key_fingerprints)))
+    if filters.users:
+        statement = statement.where(calls.c.user.in_(list(filters.users)))
     for key, values in filters.tags.items():
         tagged = sa.select(_CALL_TAGS.c.request_id).where(
             _CALL_TAGS.c.request_id == calls.c.request_id, _CALL_TAGS.c.key == key
@@ -436,6 +458,9 @@ def _raw_statement(dialect: str, filters: Filters, dims: list[str]) -> sa.Select
 
 
 def _rollup_statement(filters: Filters, dims: list[str]) -> sa.Select[Any]:
+    if filters.users or RAW_ONLY_DIMS.intersection(dims):
+        # ``uses_rollup`` never picks the rollup for these; a direct caller gets told, not a tag join.
+        raise _UsageError("the daily rollup has no end-user (user) column; read the raw ledger")
     rollup = ROLLUP_DAILY
     columns: list[Any] = []
     source: Any = rollup
@@ -502,15 +527,16 @@ def aggregate(engine: Engine, filters: Filters, dims: _Sequence[str], *, source:
 
     ``dims`` (each at most once): ``day`` (the UTC calendar day, a ``datetime.date``),
     ``model`` (coalesce(model, requested_model)), ``status``, ``currency``, ``key`` (key
-    fingerprint), ``tariff`` (tariff id), ``tag_set`` (the call's canonical tags as sorted
-    JSON text, see ``canonical_tags``), ``tag:<key>`` (that tag's value). A dimension the
+    fingerprint), ``user`` (the request body's end-user id; always read from the raw ledger,
+    see ``RAW_ONLY_DIMS``), ``tariff`` (tariff id), ``tag_set`` (the call's canonical tags as
+    sorted JSON text, see ``canonical_tags``), ``tag:<key>`` (that tag's value). A dimension the
     call does not have is None. An empty ``dims`` gives one row (all zero when nothing matches).
 
     Columns: ``dims`` then ``MEASURES``. Counts are int; money is exact Decimal (0 when no
     call of the group was priced). Rows are sorted by ``dims`` (None first), so the same
     ledger always gives the same frame. ``source`` picks the table (see ``uses_rollup``).
     """
-    rollup = uses_rollup(engine, filters, source)
+    rollup = uses_rollup(engine, filters, source, dims)
     with engine.connect() as connection:
         return _frame(aggregate_on(connection, filters, dims, rollup=rollup), [*_dim_names(dims), *MEASURES])
 
@@ -543,8 +569,8 @@ def aggregate_on(
                 value = _date.fromisoformat(value)
             elif dim == "tag_set":
                 value = _tags_text(canonical_tags(_json.loads(value) if value else {}))
-            elif not dim.startswith(_TAG_PREFIX) and value == UNKNOWN:
-                value = None  # the rollup's stand-in for NULL
+            elif dim not in RAW_ONLY_DIMS and not dim.startswith(_TAG_PREFIX) and value == UNKNOWN:
+                value = None  # the rollup's stand-in for NULL (a raw-only dimension never holds it)
             record[dim] = value
         records.append(record)
     if "tag_set" in names and not rollup:
@@ -686,7 +712,7 @@ def spend_totals(engine: Engine, filters: Filters, *, source: Source = "auto") -
 def _group_dims(by: str) -> list[str]:
     if by == "key":
         return ["key"]
-    if by in ("model", "status", "currency") or by.startswith(_TAG_PREFIX):
+    if by in ("model", "status", "user", "currency") or by.startswith(_TAG_PREFIX):
         return [by]
     raise _UsageError(f"cannot group spend by {by!r}; choose from {', '.join(SPEND_GROUPS)} or tag:<key>")
 
@@ -695,7 +721,7 @@ def spend_by_day(
     engine: Engine, filters: Filters, by: str | None = None, *, source: Source = "auto"
 ) -> _pd.DataFrame:
     """Spend per UTC day, split by ``by``: None, ``model``, ``bucket``, ``status``, ``key``,
-    ``currency`` or ``tag:<key>``.
+    ``user`` (end user, read raw), ``currency`` or ``tag:<key>``.
 
     Columns: ``day`` (date), ``group`` (the group's value; None for no split, for a call
     without the tag, or an unknown model), ``currency`` (None for unpriced calls), ``calls``,
@@ -731,7 +757,7 @@ def spend_by_day(
 def breakdown(engine: Engine, filters: Filters, by: _Sequence[str], *, source: Source = "auto") -> _pd.DataFrame:
     """Calls, tokens and money per joint group of ``by`` (e.g. ``["model", "tag:team"]``) and currency.
 
-    ``by`` items: ``model``, ``status``, ``key``, ``tag:<key>`` (``currency`` is always a
+    ``by`` items: ``model``, ``status``, ``key``, ``user``, ``tag:<key>`` (``currency`` is always a
     column). Columns: the ``by`` names, ``currency``, then ``MEASURES``. Sorted by cost
     (highest first) within each currency, then by the groups, so the order is stable.
     """
@@ -749,7 +775,7 @@ def breakdown(engine: Engine, filters: Filters, by: _Sequence[str], *, source: S
 def top_spenders(
     engine: Engine, filters: Filters, by: str = "key", *, limit: int = 10, source: Source = "auto"
 ) -> _pd.DataFrame:
-    """The ``limit`` groups of ``by`` (``key``, ``model``, ``tag:<key>``, ...) that cost the most, per currency.
+    """The ``limit`` groups of ``by`` (``key``, ``model``, ``user``, ``tag:<key>``, ...) costing most, per currency.
 
     Columns: ``group``, ``currency``, ``calls``, ``cost``, ``share`` (cost / the currency's
     total, Decimal quantised to 1e-4; 0 when the total is 0). Unpriced calls are left out.
@@ -872,6 +898,7 @@ __all__ += [
     "ERROR_CLASSES",
     "FilterChoices",
     "has_calls",
+    "has_users",
     "filter_choices",
     "list_calls",
     "latency_percentiles",
@@ -943,6 +970,19 @@ def has_calls(engine: Engine) -> bool:
     """True when the ledger holds at least one call (cheap: one indexed row)."""
     with engine.connect() as connection:
         return connection.execute(sa.select(CALLS.c.request_id).limit(1)).first() is not None
+
+
+def has_users(engine: Engine, filters: Filters) -> bool:
+    """True when some call ``filters`` selects carries an end user (the request body's ``user`` field).
+
+    ``user`` has no index (every insert would pay for one), so this stops at the first such
+    call: immediate where users are common, one pass over the range where no call has one.
+    """
+    statement = _dash_filtered(
+        engine, sa.select(CALLS.c.request_id).where(CALLS.c.user.is_not(None)), filters
+    ).limit(1)
+    with engine.connect() as connection:
+        return connection.execute(statement).first() is not None
 
 
 def _distinct(connection: sa.Connection, table: str, column: str, where: str = "", **params: Any) -> list[str]:
@@ -1175,6 +1215,8 @@ def _dash_filtered(engine: Engine, statement: _SelectT, filters: Filters) -> _Se
         statement = statement.where(CALLS.c.status.in_(list(filters.statuses)))
     if filters.key_fingerprints:
         statement = statement.where(CALLS.c.key_fingerprint.in_(list(filters.key_fingerprints)))
+    if filters.users:
+        statement = statement.where(CALLS.c.user.in_(list(filters.users)))
     for key, values in filters.tags.items():
         tagged = sa.select(CALL_TAGS.c.request_id).where(
             CALL_TAGS.c.request_id == CALLS.c.request_id, CALL_TAGS.c.key == key

@@ -20,7 +20,7 @@ from collector.errors import UsageError
 from collector.projection import TRAFFIC_COLUMNS
 from collector.record import UsageRecord
 from collector.store import LedgerStore
-from dashboard_seed import synthetic_records
+from dashboard_seed import seed_through_writer, synthetic_records
 
 NOW = datetime(2026, 11, 20, 12, tzinfo=timezone.utc)
 
@@ -49,6 +49,8 @@ def _selected(records: list[UsageRecord], filters: queries.Filters) -> list[Usag
             continue
         if filters.key_fingerprints and r.key_fingerprint not in filters.key_fingerprints:
             continue
+        if filters.users and r.user not in filters.users:
+            continue
         if any(key not in r.tags or (values and r.tags[key] not in values) for key, values in filters.tags.items()):
             continue
         out.append(r)
@@ -62,6 +64,7 @@ FILTERS = [
     queries.Filters(tags={"team": ("search", "analytics")}),
     queries.Filters(tags={"feature": ()}, key_fingerprints=("fp-support",)),
     queries.Filters(tags={"team": ("no-such-team",)}),
+    queries.Filters(users=("u-2", "u-5"), statuses=("completed",)),
 ]
 
 
@@ -187,3 +190,152 @@ def test_the_traffic_frame_is_what_the_projection_reads_with_unknowns_kept_unkno
     assert len(frame) == len(errors) > 0
     assert all(value is None for value in frame["completion_tokens"])  # NULL stays None, never NaN or 0
     assert list(frame["started_at"]) == sorted(frame["started_at"])
+
+
+# -- End users (the request body's `user` field) --------------------------------------------------
+
+# Whole UTC days: the daily rollup could answer these filters, were it not for the end user.
+WEEK = queries.Filters(since=datetime(2026, 11, 13, tzinfo=timezone.utc),
+                       until=datetime(2026, 11, 20, tzinfo=timezone.utc))
+
+
+@pytest.fixture
+def users_ledger(db_url: str) -> Iterator[tuple[LedgerStore, list[UsageRecord]]]:
+    """Calls written through the real writer, so the rollup is built and current; every fifth has no user."""
+    records = list(synthetic_records(400, seed=7, start=NOW - timedelta(days=10), end=NOW))
+    for record in records[::5]:
+        record.user = None
+    seed_through_writer(db_url, records)
+    store = LedgerStore(db_url)
+    try:
+        yield store, records
+    finally:
+        store.close()
+
+
+def _statements(store: LedgerStore) -> tuple[list[str], object]:
+    """Every SQL statement the store's engine runs from now on (and the listener, to remove it)."""
+    import sqlalchemy as sa
+
+    seen: list[str] = []
+
+    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
+        seen.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", record)
+    return seen, record
+
+
+def _by_user(records: list[UsageRecord]) -> dict[tuple[str | None, str | None], tuple[int, Decimal, int]]:
+    """(user, currency) -> (calls, cost, output tokens), summed here from the records themselves."""
+    sums: dict[tuple[str | None, str | None], tuple[int, Decimal, int]] = {}
+    for r in records:
+        calls, cost, output = sums.get((r.user, r.currency), (0, Decimal(0), 0))
+        sums[(r.user, r.currency)] = (calls + 1, cost + (r.cost or Decimal(0)), output + (r.completion_tokens or 0))
+    return sums
+
+
+def _cost(records: list[UsageRecord]) -> Decimal:
+    return sum((r.cost for r in records if r.cost is not None), Decimal(0))
+
+
+@pytest.mark.parametrize("filters", [queries.Filters(), WEEK, WEEK.between(WEEK.since, NOW),
+                                     queries.Filters(tags={"team": ("search", "support")}, statuses=("completed",))],
+                         ids=["everything", "whole-days", "part-day", "tag-and-status"])
+def test_spend_by_end_user_is_the_hand_sum_read_from_the_ledger_with_the_rollup_built(
+    users_ledger: tuple[LedgerStore, list[UsageRecord]], filters: queries.Filters
+) -> None:
+    import sqlalchemy as sa
+
+    store, records = users_ledger
+    assert queries.rollup_complete(store.engine)
+    seen, listener = _statements(store)
+    try:
+        frame = queries.aggregate(store.engine, filters, ["user", "currency"])
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", listener)
+    assert any("FROM calls" in s for s in seen) and not any("rollup_daily" in s for s in seen), seen
+    got = {(u, c): (calls, cost, output) for u, c, calls, cost, output in
+           zip(frame["user"], frame["currency"], frame["calls"], frame["cost"], frame["completion_tokens"])}
+    selected = _selected(records, filters)
+    assert got == _by_user(selected)
+    assert any(user is None for user, _ in got)  # calls without a user are a group of their own
+    assert len({user for user, _ in got}) == 7  # u-1 ... u-6 and None
+    # The same calls as the rollup sees them (grouped by something it keeps) cost the same in total.
+    if filters.whole_days:
+        rolled = queries.aggregate(store.engine, filters, ["currency"], source="rollup")
+        assert sum(rolled["cost"], Decimal(0)) == sum(frame["cost"], Decimal(0)) == _cost(selected)
+
+
+def test_top_spenders_and_spend_per_day_by_end_user_are_the_hand_sums(
+    users_ledger: tuple[LedgerStore, list[UsageRecord]]
+) -> None:
+    store, records = users_ledger
+    mine = _selected(records, WEEK)
+    priced = [r for r in mine if r.currency == "USD"]
+    top = queries.top_spenders(store.engine, WEEK, "user", limit=100)
+    expected = {user: _cost([r for r in priced if r.user == user]) for user in {r.user for r in priced}}
+    assert dict(zip(top["group"], top["cost"])) == expected
+    assert list(top["cost"]) == sorted(expected.values(), reverse=True)
+    assert dict(zip(top["group"], top["calls"])) == {u: sum(1 for r in priced if r.user == u) for u in expected}
+    assert sum(top["share"], Decimal(0)) == pytest.approx(Decimal(1), abs=Decimal("0.0005"))  # 7 shares, 1e-4 each
+    daily = queries.spend_by_day(store.engine, WEEK, "user")
+    per_day = {(d, u): c for d, u, cur, c in zip(daily["day"], daily["group"], daily["currency"], daily["cost"])
+               if cur == "USD"}
+    hand: dict[tuple[object, str | None], Decimal] = {}
+    for r in priced:
+        key = (r.started_at.date(), r.user)
+        hand[key] = hand.get(key, Decimal(0)) + (r.cost or Decimal(0))
+    assert per_day == hand
+
+
+def test_the_end_user_filter_reads_the_ledger_and_selects_exactly_those_calls(
+    users_ledger: tuple[LedgerStore, list[UsageRecord]]
+) -> None:
+    store, records = users_ledger
+    filters = queries.Filters(since=WEEK.since, until=WEEK.until, users=("u-3", "u-4"))
+    mine = _selected(records, filters)
+    assert mine and {r.user for r in mine} == {"u-3", "u-4"}
+    totals = queries.totals(store.engine, filters)
+    assert totals.source == "ledger"
+    assert totals.calls == len(mine)
+    assert totals.cost["USD"].total == _cost(mine)
+    assert queries.spend_totals(store.engine, filters) == {"USD": _cost(mine)}
+    assert queries.list_calls(store.engine, filters, limit=1)[1] == len(mine)
+
+
+def test_the_rollup_alone_cannot_answer_for_end_users(users_ledger: tuple[LedgerStore, list[UsageRecord]]) -> None:
+    store, _ = users_ledger
+    engine = store.engine
+    assert queries.uses_rollup(engine, WEEK, "rollup")  # the rollup answers these filters otherwise
+    assert not queries.uses_rollup(engine, WEEK, "auto", ["day", "user"])
+    with_user = queries.Filters(since=WEEK.since, until=WEEK.until, users=("u-1",))
+    for refused in (
+        lambda: queries.aggregate(engine, WEEK, ["day", "user"], source="rollup"),
+        lambda: queries.top_spenders(engine, WEEK, "user", source="rollup"),
+        lambda: queries.spend_by_day(engine, WEEK, "user", source="rollup"),
+        lambda: queries.totals(engine, with_user, source="rollup"),
+        lambda: queries.uses_rollup(engine, WEEK, "rollup", ["user"]),
+    ):
+        with pytest.raises(UsageError, match="no end-user"):
+            refused()
+    with engine.connect() as connection, pytest.raises(UsageError, match="no end-user"):
+        queries.aggregate_on(connection, WEEK, ["user"], rollup=True)
+
+
+def test_has_users_looks_only_at_the_calls_the_filters_select(db_url: str) -> None:
+    day = datetime(2026, 11, 10, tzinfo=timezone.utc)
+    records = [UsageRecord(started_at=day + timedelta(hours=h), requested_model="m", status="completed",
+                           user="u-9" if h == 5 else None, tags={"team": "ads" if h == 5 else "infra"})
+               for h in range(8)]
+    store = LedgerStore(db_url)
+    try:
+        store.insert(records)
+        engine = store.engine
+        assert queries.has_users(engine, queries.Filters())
+        fifth_hour = queries.Filters(since=day + timedelta(hours=5), until=day + timedelta(hours=6))
+        assert queries.has_users(engine, fifth_hour)
+        assert not queries.has_users(engine, queries.Filters(since=day, until=day + timedelta(hours=5)))
+        assert not queries.has_users(engine, queries.Filters(tags={"team": ("infra",)}))
+    finally:
+        store.close()
