@@ -361,19 +361,44 @@ def _decimal_sum(values: pd.Series) -> Decimal:
 # -- Chargeback --------------------------------------------------------------------------------
 
 KEY_FINGERPRINT = "key"  # queries' name for grouping by API key fingerprint
+END_USER = "user"  # queries' name for grouping by the request body's `user` field
 _TAG = "tag:"
 CHARGEBACK_LIMIT = 10_000  # groups per currency; more than any table a person reads
 
 
-def chargeback_dimensions() -> list[str]:
-    """What spend can be charged back by: every tag key in the ledger, then the API key fingerprint."""
-    return [f"{_TAG}{key}" for key in filter_choices().tag_values] + [KEY_FINGERPRINT]
+@st.cache_data(ttl=CACHE_TTL_S, show_spinner=False)
+def _has_users(url: str, selection: Selection) -> bool:
+    return queries.has_users(_engine(url), to_filters(selection))
+
+
+def chargeback_dimensions(selection: Selection) -> list[str]:
+    """What spend can be charged back by: every tag key in the ledger, the API key fingerprint, and the
+    end user when some call the sidebar selects carries one (apps that never send `user` are not offered it)."""
+    dimensions = [f"{_TAG}{key}" for key in filter_choices().tag_values] + [KEY_FINGERPRINT]
+    if _has_users(ledger_url(), selection):
+        dimensions.append(END_USER)
+    return dimensions
 
 
 def dimension_label(dimension: str) -> str:
+    """The dimension's name in chart titles, table headers and the CSV header."""
     if dimension == KEY_FINGERPRINT:
         return "API key (fingerprint)"
+    if dimension == END_USER:
+        return "End user"
     return dimension.removeprefix(_TAG)
+
+
+def dimension_choice(dimension: str) -> str:
+    """The dimension as the page offers it: the end user says where it comes from."""
+    if dimension == END_USER:
+        return "End user (request `user` field)"
+    return dimension_label(dimension)
+
+
+def reads_ledger(dimension: str) -> bool:
+    """True when grouping by ``dimension`` reads the raw ledger, never the daily rollup (``queries.RAW_ONLY_DIMS``)."""
+    return dimension in queries.RAW_ONLY_DIMS
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,12 +445,16 @@ def _chargeback(url: str, selection: Selection, dimension: str) -> Chargeback:
 
 def _group_label(dimension: str, group: object) -> str:
     if group is None:
-        return f"(no {dimension_label(dimension)})" if dimension != KEY_FINGERPRINT else "(no key)"
+        if dimension == KEY_FINGERPRINT:
+            return "(no key)"
+        if dimension == END_USER:
+            return "(no user)"
+        return f"(no {dimension_label(dimension)})"
     return str(group)
 
 
 def chargeback(selection: Selection, dimension: str) -> Chargeback:
-    """Spend per group of ``dimension`` (``tag:<key>`` or ``key``) with shares and day-over-day change."""
+    """Spend per group of ``dimension`` (``tag:<key>``, ``key`` or ``user``) with shares and day-over-day change."""
     return _chargeback(ledger_url(), selection, dimension)
 
 

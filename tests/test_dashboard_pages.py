@@ -60,10 +60,15 @@ def seeded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     """One ledger per database for the whole module: the dashboard only reads it (a test checks that).
 
     45 days of calls up to "now": some fall before the default 30-day range, some in the previous month.
+    The apps sent the request's `user` field only from the default range's first day on, and
+    even then one call in five carries none.
     """
     from conftest import _fresh_postgres_database, _postgres_admin_url
 
     records = list(synthetic_records(600, seed=11, start=NOW - timedelta(days=45), end=NOW))
+    for n, record in enumerate(records):
+        if record.started_at.date() < _default_selection().start or n % 5 == 0:
+            record.user = None
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DSMETER_HOME", str(tmp_path_factory.mktemp("dsmeter-home")))  # the writer's spool
         if request.param == "sqlite":
@@ -304,6 +309,60 @@ def test_chargeback_by_key_fingerprint_equals_the_query_layer(ledger: Ledger) ->
     expected = data.chargeback(_default_selection(), data.KEY_FINGERPRINT).rows
     assert list(table["group"]) == list(expected["group"])
     assert list(table["spend"]) == [fmt.money(v, "USD") for v in expected["spend"]]
+
+
+def _chargeback_by_user(at: AppTest) -> AppTest:
+    at.radio(key="chargeback_by").set_value(data.END_USER).run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def test_chargeback_by_end_user_shows_the_query_layers_figures_and_the_hand_sums(ledger: Ledger) -> None:
+    at = _chargeback_by_user(_page("app_pages/chargeback.py"))
+    assert any("reads the ledger itself, not the daily rollup" in c.value for c in at.caption)
+    table = at.dataframe[0].value
+    selection = _default_selection()
+    top = queries.top_spenders(open_read_only(ledger.url), data.to_filters(selection), "user",
+                               limit=data.CHARGEBACK_LIMIT)
+    assert list(table["group"]) == ["(no user)" if g is None else g for g in top["group"]]
+    assert list(table["spend"]) == [fmt.money(v, "USD") for v in top["cost"]]
+    assert list(table["share"]) == [fmt.percent(v) for v in top["share"]]
+    shown = [r for r in _in_range(ledger.records, selection.start, selection.end) if r.cost is not None]
+    spend = {user: _cost([r for r in shown if r.user == user]) for user in {r.user for r in shown}}
+    assert None in spend and len(spend) == 7  # u-1 ... u-6, and the calls that sent no user
+    for user, amount in spend.items():
+        row = table[table["group"] == ("(no user)" if user is None else user)].iloc[0]
+        assert row["spend"] == fmt.money(amount, "USD")
+        assert row["calls"] == fmt.count(sum(1 for r in shown if r.user == user))
+        on_today = _cost([r for r in shown if r.user == user and r.started_at.date() == TODAY])
+        assert row["last_day"] == fmt.money(on_today, "USD")
+
+
+def test_chargeback_csv_by_end_user_has_the_exact_amounts(ledger: Ledger) -> None:
+    selection = _default_selection()
+    frame = pd.read_csv(io.BytesIO(data.chargeback_csv(data.chargeback(selection, data.END_USER))), dtype=str,
+                        keep_default_na=False)
+    assert list(frame.columns)[0] == "End user"
+    shown = [r for r in _in_range(ledger.records, selection.start, selection.end) if r.cost is not None]
+    expected = {("(no user)" if user is None else user): _cost([r for r in shown if r.user == user])
+                for user in {r.user for r in shown}}
+    assert {user: Decimal(v) for user, v in zip(frame["End user"], frame["spend"])} == expected
+    today = {("(no user)" if user is None else user): _cost([r for r in shown if r.user == user
+                                                             and r.started_at.date() == TODAY])
+             for user in {r.user for r in shown}}
+    assert {user: Decimal(v) for user, v in zip(frame["End user"], frame[f"spend_{TODAY.isoformat()}"])} == today
+
+
+def test_chargeback_offers_the_end_user_only_where_the_selected_calls_carry_one(ledger: Ledger) -> None:
+    at = _chargeback_by_user(_page("app_pages/chargeback.py"))
+    offered = data.dimension_choice(data.END_USER)  # the radio's options are the labels it shows
+    assert offered in at.radio(key="chargeback_by").options
+    # The fortnight before the default range: its calls were recorded before the apps sent `user`.
+    before = (_default_selection().start - timedelta(days=14), _default_selection().start - timedelta(days=1))
+    _set_sidebar(at, filter_dates=before)
+    radio = at.radio(key="chargeback_by")
+    assert offered not in radio.options and radio.value != data.END_USER
+    assert not any("reads the ledger itself" in c.value for c in at.caption)
 
 
 # -- Calls ----------------------------------------------------------------------------------------
@@ -553,6 +612,7 @@ def test_rendering_every_page_and_using_it_never_writes_to_the_ledger(ledger: Le
     at.selectbox(key="calls_sort").set_value("duration_ms").run()
     at.switch_page("app_pages/chargeback.py").run()
     at.radio(key="chargeback_by").set_value(data.KEY_FINGERPRINT).run()
+    at.radio(key="chargeback_by").set_value(data.END_USER).run()
     at.switch_page("app_pages/whatif.py").run()
     at.button[-1].click().run()
     assert not at.exception

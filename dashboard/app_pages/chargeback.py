@@ -1,4 +1,4 @@
-"""Chargeback: who spent it, by any tag key or by API key fingerprint, with shares and day-over-day change."""
+"""Chargeback: who spent it, by any tag key, API key fingerprint or end user, with shares and day-over-day change."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ st.title("Chargeback")
 views.draw_filters()
 views.require_calls()
 picked = views.selection()
-dimensions = data.chargeback_dimensions()
+dimensions = data.chargeback_dimensions(picked)
 dimension = st.radio("Charge back by", dimensions, horizontal=True, key="chargeback_by",
-                     format_func=data.dimension_label)
+                     format_func=data.dimension_choice)
+if data.reads_ledger(dimension):
+    # Drawn before the query, so the reader knows why this one takes a while.
+    st.caption("This grouping reads the ledger itself, not the daily rollup, so it is slower on a big ledger.")
 table = data.chargeback(picked, dimension)
 
 if table.rows.empty:
