@@ -28,6 +28,7 @@ __all__ = [
     "Upstream",
     "parse_upstream",
     "checked_target",
+    "first_header",
     "request_headers",
     "response_headers",
 ]
@@ -131,6 +132,15 @@ def checked_target(raw_target: str) -> str:
     if any(segment in (".", "..") for segment in decoded.replace("\\", "/").split("/")):
         raise BadTarget("the request path must not contain '.' or '..' segments")
     return raw_target
+
+
+def first_header(headers: Headers, name: str) -> str | None:
+    """The first value of header ``name`` in raw header pairs (names compared case-insensitively)."""
+    lowered = name.lower()
+    for key, value in headers:
+        if key.lower() == lowered:
+            return value
+    return None
 
 
 def _connection_tokens(headers: list[tuple[str, str]]) -> set[str]:

@@ -35,6 +35,8 @@ from typing import Any
 
 import httptools
 
+from collector.proxy_http import first_header
+
 __all__ = ["Request", "Response", "Handler", "Limits", "ClientConnection", "Connections", "REASONS", "error_body", "no_delay"]
 
 log = logging.getLogger("dsmeter.proxy")
@@ -84,11 +86,7 @@ class Request:
 
     def header(self, name: str) -> str | None:
         """The first value of a header (case-insensitive)."""
-        lowered = name.lower()
-        for key, value in self.headers:
-            if key.lower() == lowered:
-                return value
-        return None
+        return first_header(self.headers, name)
 
 
 Handler = Callable[[Request, "Response"], Awaitable[None]]

@@ -31,7 +31,7 @@ from typing import Any
 import httptools
 
 from collector.metering import UpstreamDisconnected, UpstreamTimeout, UpstreamUnreachable
-from collector.proxy_http import Upstream
+from collector.proxy_http import Upstream, first_header
 from collector.proxy_wire import no_delay
 
 __all__ = ["UpstreamPool", "Exchange"]
@@ -60,11 +60,8 @@ class Exchange:
         self.early = b""  # body bytes that arrived with the head
 
     def header(self, name: str) -> str | None:
-        lowered = name.lower()
-        for key, value in self.headers:
-            if key.lower() == lowered:
-                return value
-        return None
+        """The first value of a response header (case-insensitive)."""
+        return first_header(self.headers, name)
 
     @property
     def complete(self) -> bool:
