@@ -13,7 +13,8 @@ in-stream ``{"error": {...}}`` object is kept in ``error``.
 ``StreamAccumulator`` reads most chunks without parsing them: a chunk shaped exactly like
 one it already parsed, but for its token string, is folded from that string alone
 (``add_templated``; see ``collector.chunk_template``). Such strings are kept as raw JSON
-and decoded only if ``content`` or ``reasoning_content`` is read.
+(a read folded from its bytes by ``fold_event``: raw UTF-8 too) and decoded only if
+``content``, ``reasoning_content`` or ``tool_calls`` is read.
 
 Times are ``time.monotonic()`` seconds supplied by the caller, so the accumulator can be
 replayed deterministically.
@@ -22,10 +23,18 @@ replayed deterministically.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from collector.chunk_template import ChunkTemplate, has_one_token, is_json_string_body, json_string, learn_template
+from collector.chunk_template import (
+    FLAG_SPECIAL,
+    QUOTE,
+    ChunkTemplate,
+    has_one_token,
+    is_json_string_body,
+    json_string,
+    learn_template,
+)
 
 __all__ = ["StreamAccumulator", "AnthropicStreamAccumulator", "MALFORMED_KEEP"]
 
@@ -33,12 +42,22 @@ MALFORMED_KEEP = 200  # characters of the last malformed payload kept for the er
 MAX_TEMPLATES = 4  # chunk shapes remembered per stream (reasoning, content, and a spare or two)
 LEARN_BUDGET = 16  # full learning attempts per stream: a stream whose chunks never repeat stops trying
 
-# A text part: decoded text, or a 1-tuple holding a raw JSON string body not decoded yet.
-_Part = str | tuple[str]
+# A text part: decoded text; a 1-tuple holding a raw JSON string body not unescaped yet; or
+# bytes: a raw body as it came off the wire, neither UTF-8 decoded nor unescaped yet.
+_Part = str | tuple[str] | bytes
+
+
+def _text(part: _Part) -> str:
+    if isinstance(part, str):
+        return part
+    if isinstance(part, bytes):
+        # Each part decoded on its own, bad bytes replaced, as the SSE decoder decodes its line.
+        return json_string(part.decode("utf-8", "replace"))
+    return json_string(part[0])
 
 
 def _join(parts: list[_Part]) -> str:
-    return "".join(part if isinstance(part, str) else json_string(part[0]) for part in parts)
+    return "".join(map(_text, parts))
 
 
 class _Timings:
@@ -173,30 +192,63 @@ class StreamAccumulator(_Timings):
         False when ``event`` is anything else (several events, a partial one, CRLF framing,
         another shape): the caller decodes it the ordinary way.
         """
-        match = self.match_event(event)
-        if match is None:
+        return self.fold_event(event, lambda: at)
+
+    def fold_event(self, event: bytes, clock: Callable[[], float]) -> bool:
+        """``add_templated_event`` at the time ``clock()`` tells, read only if the event is folded.
+
+        The metering core's path for most reads of a live stream, so it is one call: the
+        usual case (the same shape as the last chunk) is ``ChunkTemplate.event_body`` and
+        ``add_matched`` inlined, and the body is kept as the raw bytes it arrived as (no
+        UTF-8 decode, no escape check) until the text is read, which most calls never do.
+        """
+        templates = self._templates
+        if not templates:
             return False
-        self.add_matched(match[0], match[1], at)
+        template = templates[0]
+        body = event.removeprefix(template.event_prefix).removesuffix(template.event_suffix)
+        if len(event) - len(body) != template.event_fixed or (
+            QUOTE in body.translate(FLAG_SPECIAL) and is_json_string_body(body) is None
+        ):
+            for position in range(1, len(templates)):
+                template = templates[position]
+                found = template.event_body(event)
+                if found is not None:
+                    del templates[position]
+                    templates.insert(0, template)  # the next chunk is most likely this shape again
+                    body = found
+                    break
+            else:
+                return False
+        at = clock()
+        self.chunk_count += 1
+        self.last_at = at
+        if template.tool is not None:
+            self._add_tool_arguments(template.tool, body)  # even when empty, as in add_matched
+            if self.first_token_at is None:
+                self.first_token_at = at
+        elif body:
+            if template.kind == "content":
+                if self.first_content_at is None:
+                    self.first_content_at = at
+                if template.first_choice:
+                    self._content.append(body)
+            elif template.first_choice:
+                self._reasoning.append(body)
+            if self.first_token_at is None:
+                self.first_token_at = at
         return True
 
     def match_event(self, event: bytes) -> tuple[ChunkTemplate, str] | None:
         """The template ``event`` (one whole SSE event) matches and its token's raw body; changes no result."""
         templates = self._templates
-        if templates:
-            # ChunkTemplate.match_event, inlined for the usual case: the same shape as the last chunk.
-            template = templates[0]
-            prefix, suffix = template.event_prefix, template.event_suffix
-            if prefix and event.startswith(prefix) and event.endswith(suffix):
-                raw = event[len(prefix) : len(event) - len(suffix)]
-                if len(event) >= len(prefix) + len(suffix) and is_json_string_body(raw) is not None:
-                    return template, raw.decode("utf-8", "replace")
-            for position in range(1, len(templates)):
-                template = templates[position]
-                body = template.match_event(event)
-                if body is not None:
+        for position, template in enumerate(templates):
+            body = template.match_event(event)
+            if body is not None:
+                if position:
                     del templates[position]
                     templates.insert(0, template)  # the next chunk is most likely this shape again
-                    return template, body
+                return template, body
         return None
 
     def add_matched(self, template: ChunkTemplate, body: str, at: float) -> None:

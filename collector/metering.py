@@ -293,7 +293,11 @@ class CallMeter:
         self._sse = False
         self._decoder = SSEDecoder()
         self._acc: StreamAccumulator | AnthropicStreamAccumulator
-        self._fast: StreamAccumulator | None = None  # set while reads may take feed's one-chunk fast path
+        # Set while the next read may take feed's one-chunk fast path (see _arm_fast_path).
+        self._fast: StreamAccumulator | None = None
+        # The accumulator, while the response may take the fast path at all: a chat SSE stream,
+        # not compressed, parsing not broken.
+        self._fast_capable: StreamAccumulator | None = None
         if call.endpoint is Endpoint.ANTHROPIC_MESSAGES:
             self._acc = AnthropicStreamAccumulator(self._t0)
         else:
@@ -327,7 +331,8 @@ class CallMeter:
         elif encoding not in ("", "identity"):
             self._broken = f"unsupported content-encoding {encoding!r}"
         if self._sse and self._inflate is None and self._broken is None and isinstance(self._acc, StreamAccumulator):
-            self._fast = self._acc
+            self._fast_capable = self._acc
+            self._arm_fast_path()
 
     @property
     def finished(self) -> bool:
@@ -335,18 +340,44 @@ class CallMeter:
 
     def feed(self, chunk: bytes) -> bytes:
         """Observe one body chunk; return the bytes to forward now (usually ``chunk`` itself)."""
+        fast = self._fast
+        if fast is not None and fast.fold_event(chunk, self._monotonic):
+            # Most reads of a live stream: exactly one ordinary chunk, shaped like one already
+            # parsed, folded from its bytes without the decoder or json.loads. Nothing is held
+            # back and nothing is cut (such a chunk is never usage-only). The decoder never sees
+            # it: it is a whole event read while the decoder was between events, which changes
+            # nothing in the decoder but offsets. So offsets (the decoder's, _pending_start, a
+            # dropped event's range) count only the bytes fed to the decoder; every one of them
+            # leaves such reads out alike, and _forward only ever compares them with each other.
+            return chunk
+        out = self._feed_decoded(chunk)
+        self._arm_fast_path()
+        return out
+
+    def _arm_fast_path(self) -> None:
+        """Let the next read take the fast path only while the decoder and forwarding hold nothing.
+
+        A read the decoder is not given must be one that, fed, would have decoded the same
+        whatever came before it: the decoder is ``between_events`` (no partial line, open
+        block, CR awaiting its LF or unsettled BOM), and no bytes wait to be forwarded or cut.
+        The fast path changes none of that, so this is decided once per read the decoder takes,
+        not again for every read folded in between.
+        """
+        capable = self._fast_capable
+        self._fast = (
+            capable
+            if capable is not None
+            and self._broken is None
+            and not self._pending
+            and self._cut_lf_at is None
+            and self._decoder.between_events
+            else None
+        )
+
+    def _feed_decoded(self, chunk: bytes) -> bytes:
+        """``feed`` for a read the fast path did not fold: through the decoder and the accumulator."""
         if not chunk:
             return b""
-        fast = self._fast
-        if fast is not None and not self._pending and self._cut_lf_at is None:
-            # Most reads of a live stream: exactly one ordinary chunk, shaped like one already
-            # parsed. Folded from its bytes, without the decoder or json.loads; nothing is held
-            # back and nothing is cut (such a chunk is never usage-only).
-            match = fast.match_event(chunk)
-            if match is not None and self._decoder.skip_event(chunk):
-                fast.add_matched(match[0], match[1], self._monotonic())
-                self._pending_start += len(chunk)
-                return chunk
         if not self._sse:
             self._collect_body(chunk)
             return chunk
@@ -375,16 +406,17 @@ class CallMeter:
                         break
             if self._broken is None:
                 self._observe(self._decoder.flush())
+        out = b""
         if self._filter and self._pending:
             out = bytes(self._pending)
             self._pending_start += len(self._pending)
             self._pending.clear()
-            return out
-        return b""
+        self._arm_fast_path()
+        return out
 
     def _break(self, reason: str) -> None:
         self._broken = reason
-        self._fast = None
+        self._fast = self._fast_capable = None
 
     def _parse(self, data: bytes) -> list[tuple[int, int]]:
         try:

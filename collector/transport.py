@@ -124,9 +124,10 @@ class _MeteredStream(httpx.SyncByteStream):
 
     def __iter__(self) -> Iterator[bytes]:
         meter = self._meter
+        feed = meter.feed  # looked up once, not once per read
         try:
             for chunk in self._inner:
-                out = meter.feed(chunk)
+                out = feed(chunk)
                 if out:
                     yield out
             tail = meter.feed_eof()
@@ -157,9 +158,10 @@ class _AsyncMeteredStream(httpx.AsyncByteStream):
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         meter = self._meter
+        feed = meter.feed  # looked up once, not once per read
         try:
             async for chunk in self._inner:
-                out = meter.feed(chunk)
+                out = feed(chunk)
                 if out:
                     yield out
             tail = meter.feed_eof()

@@ -302,6 +302,81 @@ def test_invalid_utf8_inside_a_token_is_replaced_as_the_decoder_replaces_it() ->
     assert wire.content == plain.content == "ab\ufffd"
 
 
+def test_a_character_split_between_two_folded_reads_is_replaced_per_read_as_the_decoder_replaces_it() -> None:
+    # Bodies are kept as raw bytes and decoded when read: each on its own, never joined first
+    # (joined, the two halves of "中" would decode to the character itself).
+    first = b"data: " + chunk_text("a").encode() + b"\n\n"
+    halves = [b"data: " + chunk_text(f"<{i}>").encode().replace(f"<{i}>".encode(), half) + b"\n\n"
+              for i, half in enumerate(["x中".encode()[:3], "中y".encode()[1:]])]
+    wire = StreamAccumulator(0.0)
+    wire.add_data(chunk_text("a"), 0.0)
+    assert all(wire.add_templated_event(event, 1.0) for event in halves)
+    plain = StreamAccumulator(0.0, learn=False)
+    for event in [first, *halves]:
+        plain.add_data(event[len(b"data: ") : -2].decode("utf-8", "replace"), 1.0)
+    assert wire.content == plain.content == "ax\ufffd\ufffd\ufffdy"
+
+
+def _fast_path_armed_only_when_safe(m: CallMeter) -> None:
+    # The invariant feed's fast path relies on: armed only while a whole event read next would
+    # decode the same whatever came before it (see CallMeter._arm_fast_path).
+    if m._fast is not None:
+        assert m._decoder.between_events and not m._pending and m._cut_lf_at is None
+
+
+@pytest.mark.parametrize(
+    "held",
+    [b"data: x\n", b'data: {"n"', b": keep-alive\r", b"id: 7\n", b"event: delta\n", b"data: " + b"y" * 40],
+    ids=["open-block", "partial-line", "cr", "id-line", "event-line", "long-partial"],
+)
+@pytest.mark.parametrize("asked_for_usage", [False, True])
+def test_a_whole_event_read_while_the_decoder_holds_bytes_is_decoded_not_folded(held: bytes, asked_for_usage: bool) -> None:
+    # A read that is exactly one event shaped like the last one, arriving after a read that
+    # left a line or block open, belongs with those bytes: folding it on its own would count
+    # it as a chunk of its own (for an open block it is not even valid JSON then).
+    events = [b"data: " + chunk_text(t).encode() + b"\n\n" for t in ("a", "b", "c", "d")]
+    reads = [events[0], events[1], held, events[2], events[3], b"data: [DONE]\n\n"]
+    body = b"".join(reads)
+    fields: dict[str, Any] = {"stream_options": {"include_usage": True}} if asked_for_usage else {}
+    call = prepare_request("POST", "/chat/completions", json.dumps({**json.loads(REQUEST), **fields}).encode())
+    m = CallMeter(call, clock=lambda: STARTED, monotonic=lambda: 0.0)
+    m.response_started(200, "text/event-stream")
+    out = b""
+    for read in reads:
+        out += m.feed(read)
+        _fast_path_armed_only_when_safe(m)
+    out += m.feed_eof()
+    whole, out_whole = meter(body, [body], asked_for_usage=asked_for_usage)
+    assert comparable(m.finish("eof")) == comparable(whole)
+    assert out == out_whole
+    plain, _ = fold(payloads_of(body), learn=False)
+    assert m._acc.content == plain.content and m._acc.chunk_count == plain.chunk_count
+
+
+def test_reads_of_one_event_each_skip_the_decoder_after_the_first() -> None:
+    # The other half of the invariant: the fast path is not disarmed for good by a read the
+    # decoder took (here the first, which settles the BOM and teaches the template).
+    events = [b"data: " + chunk_text(f"w{i} ").encode() + b"\n\n" for i in range(50)] + [b"data: [DONE]\n\n"]
+    decoded: list[bytes] = []
+
+    class Recording(SSEDecoder):
+        __slots__ = ()
+
+        def feed(self, chunk: bytes) -> list[Any]:
+            decoded.append(chunk)
+            return super().feed(chunk)
+
+    m = CallMeter(prepare_request("POST", "/chat/completions", REQUEST.encode()), clock=lambda: STARTED,
+                  monotonic=lambda: 0.0)
+    m._decoder = Recording()
+    m.response_started(200, "text/event-stream")
+    out = b"".join(m.feed(read) for read in events) + m.feed_eof()
+    assert out == b"".join(events)
+    assert decoded == [events[0], events[-1]]
+    record = m.finish("eof")
+    assert record.chunk_count == 50 and m._acc.content == "".join(f"w{i} " for i in range(50))
+
+
 def test_skip_event_moves_offsets_exactly_as_feeding_the_event_would() -> None:
     events = [b"data: {\"n\":1}\n\n", b"data: {\"n\":2}\n\n", b": keep-alive\n\n", b"data: {\"n\":3}\n\n"]
     fed = SSEDecoder()
