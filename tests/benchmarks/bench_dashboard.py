@@ -131,19 +131,24 @@ def migrate(url: str) -> None:
         store.close()
 
 
-def last_call(url: str) -> datetime:
-    """The newest call's start in a ledger being reused: the measured "now"."""
+def last_call(url: str) -> tuple[datetime, int]:
+    """The newest call's start in a ledger being reused (the measured "now"), and how many calls it holds."""
+    import sqlalchemy as sa
+
+    from collector.models import Call
     from collector.queries import filter_choices
     from dashboard.engine import open_read_only
 
     engine = open_read_only(url)
     try:
         last = filter_choices(engine).last_call
+        with engine.connect() as connection:
+            count = int(connection.execute(sa.select(sa.func.count()).select_from(Call)).scalar_one())
     finally:
         engine.dispose()
     if last is None:
         raise SystemExit(f"{url} holds no calls to measure")
-    return last
+    return last, count
 
 
 def store_count(store: object) -> int:
@@ -332,10 +337,11 @@ def main() -> None:
         reuse = path.exists()
     if reuse:
         migrate(url)  # a ledger kept from an older checkout: the dashboard reads only the newest schema
-        now = last_call(url)
-        print(f"reusing {url} (its last call: {now:%Y-%m-%d %H:%M} UTC)")
+        now, rows = last_call(url)
+        print(f"reusing {url} ({rows:,} calls, the last at {now:%Y-%m-%d %H:%M} UTC)")
     else:
-        took = seed(url, args.rows, now)
+        rows = args.rows
+        took = seed(url, rows, now)
         print(f"seeded {args.rows:,} rows in {took:.1f} s ({args.rows / took:,.0f} rows/s)")
         print(f"built the daily rollup in {build_rollup(url):.1f} s")
         settle(url)
@@ -343,7 +349,7 @@ def main() -> None:
 
     timings, warm, shown = first_paint(url, args.runs)
     cold = timings[:-1]
-    print(f"overview first paint (server, cold cache) on {args.rows:,} rows: best {min(cold):.2f} s, "
+    print(f"overview first paint (server, cold cache) on {rows:,} rows: best {min(cold):.2f} s, "
           f"median {statistics.median(cold):.2f} s over {len(cold)} runs; warm {warm:.3f} s; total shown {shown}")
     if args.raw:
         with rollup_marked_incomplete(url):
