@@ -87,9 +87,13 @@ class ChunkTemplate:
 
     def match(self, data: str) -> str | None:
         """The raw (still escaped) string body if ``data`` is this template with another string in the hole."""
-        if len(data) < self.fixed or not (data.startswith(self.prefix) and data.endswith(self.suffix)):
-            return None  # (too short: prefix and suffix would overlap, leaving no hole)
-        body = data[len(self.prefix) : len(data) - len(self.suffix)]
+        # As in event_body: one-argument string methods, and the suffix is taken from what follows
+        # the prefix, so a text too short to hold both (they would overlap) never matches.
+        body = data.removeprefix(self.prefix).removesuffix(self.suffix)
+        if len(data) - len(body) != self.fixed:
+            return None
+        if body.isprintable() and '"' not in body and "\\" not in body:
+            return body  # no control character (none is printable), quote or escape: valid as it stands
         return body if _fullmatch(body) is not None else None
 
     def match_event(self, event: bytes) -> str | None:

@@ -458,13 +458,14 @@ class CallMeter:
         drops: list[tuple[int, int]] = []
         now = self._monotonic()
         acc = self._acc
-        for event in events:
-            data = event.data
-            if isinstance(acc, AnthropicStreamAccumulator):
-                acc.add_event(event.event, data, now)
+        if isinstance(acc, AnthropicStreamAccumulator):
+            for event in events:
+                acc.add_event(event.event, event.data, now)
                 if event.event == "message_stop":
                     self.done = True
-                continue
+            return drops
+        for event in events:
+            data = event.data
             if data == "[DONE]":
                 self.done = True
                 continue
