@@ -47,9 +47,7 @@ LEARN_BUDGET = 16  # full learning attempts per stream: a stream whose chunks ne
 _Part = str | tuple[str] | bytes
 
 
-def _text(part: _Part) -> str:
-    if isinstance(part, str):
-        return part
+def _raw_text(part: tuple[str] | bytes) -> str:
     if isinstance(part, bytes):
         # Each part decoded on its own, bad bytes replaced, as the SSE decoder decodes its line.
         return json_string(part.decode("utf-8", "replace"))
@@ -57,7 +55,7 @@ def _text(part: _Part) -> str:
 
 
 def _join(parts: list[_Part]) -> str:
-    return "".join(map(_text, parts))
+    return "".join([part if isinstance(part, str) else _raw_text(part) for part in parts])
 
 
 class _Timings:
@@ -132,6 +130,11 @@ class StreamAccumulator(_Timings):
     @property
     def reasoning_content(self) -> str:
         return _join(self._reasoning)
+
+    @property
+    def tool_call_count(self) -> int:
+        """``len(tool_calls)``, without joining and decoding every call's arguments."""
+        return len(self._tools)
 
     @property
     def tool_calls(self) -> list[dict[str, Any]]:
@@ -435,6 +438,10 @@ class AnthropicStreamAccumulator(_Timings):
     @property
     def reasoning_content(self) -> str:
         return "".join(self._reasoning)
+
+    @property
+    def tool_call_count(self) -> int:
+        return len(self._tools)
 
     @property
     def tool_calls(self) -> list[dict[str, Any]]:

@@ -602,7 +602,7 @@ class CallMeter:
         record.model = acc.model
         record.finish_reason = acc.finish_reason
         record.chunk_count = acc.chunk_count
-        record.tool_call_count = len(acc.tool_calls)
+        record.tool_call_count = acc.tool_call_count  # (tool_calls would join every call's arguments)
         record.ttft_ms = _round(acc.ttft_ms())
         record.first_content_ms = _round(acc.first_content_ms())
         has_usage = acc.usage is not None

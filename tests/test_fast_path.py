@@ -40,6 +40,7 @@ REQUEST = json.dumps({"model": "deepseek-v4-flash", "stream": True, "messages": 
 
 def snapshot(acc: StreamAccumulator) -> dict[str, Any]:
     """Everything an accumulator exposes."""
+    assert acc.tool_call_count == len(acc.tool_calls)  # counted without joining the arguments
     return {
         "id": acc.id,
         "model": acc.model,
