@@ -15,6 +15,7 @@ import os
 import secrets
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 
 from collector.config import data_dir
 
@@ -48,20 +49,38 @@ def fingerprint_secret() -> bytes:
             return _cached[location]
         path = data_dir() / SECRET_FILE
         try:
-            # O_EXCL: two processes starting at once must not each write a different secret.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
             value = path.read_bytes().strip()
-        else:
-            value = secrets.token_hex(32).encode()
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(value + b"\n")
-                handle.flush()
-                os.fsync(handle.fileno())
+        except FileNotFoundError:
+            value = _create_secret(path)
         if not value:
             raise RuntimeError(f"fingerprint secret file {path} is empty; delete it to create a new one")
         _cached[location] = value
         return value
+
+
+def _create_secret(path: Path) -> bytes:
+    """Write a new secret to ``path``, or return the one another process got there first with.
+
+    The secret is written whole to a file of our own, then published with ``link``, which
+    refuses to replace an existing file: so ``path`` never exists half-written (workers
+    starting at once read it while one of them creates it), and when two processes race,
+    both end up with the one secret that was linked first.
+    """
+    value = secrets.token_hex(32).encode()
+    staging = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(value + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(staging, path)
+        except FileExistsError:
+            return path.read_bytes().strip()
+        return value
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def key_fingerprint(api_key: str, secret: bytes | None = None) -> str:

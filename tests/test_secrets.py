@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import multiprocessing.synchronize
 import os
 import stat
 import threading
@@ -227,3 +229,47 @@ def test_a_fingerprint_reveals_neither_the_key_nor_can_be_checked_without_the_se
     one, other = key_fingerprint(KEY, b"secret-one"), key_fingerprint(KEY, b"secret-two")
     assert one != other and KEY not in one and KEY[3:] not in one
     assert key_fingerprint(KEY, b"secret-one") == one  # stable on one installation
+
+
+def _secret_in_child(
+    home: str, start: multiprocessing.synchronize.Barrier, out: multiprocessing.Queue[str], slow: bool
+) -> None:
+    import time
+
+    from collector import fingerprint
+
+    os.environ["DSMETER_HOME"] = home
+    os.environ.pop("DSMETER_FINGERPRINT_SECRET", None)
+    if slow:
+        # A worker descheduled while it makes the secret (a busy machine): the others must
+        # never see its file before it is whole.
+        token_hex = fingerprint.secrets.token_hex
+
+        def slow_token_hex(nbytes: int) -> str:
+            time.sleep(0.5)
+            return token_hex(nbytes)
+
+        fingerprint.secrets.token_hex = slow_token_hex  # type: ignore[assignment]
+    start.wait()
+    if not slow:
+        time.sleep(0.1)  # let the slow one get there first
+    try:
+        out.put(fingerprint.fingerprint_secret().decode())
+    except RuntimeError as error:
+        out.put(f"error: {error}")
+
+
+def test_processes_starting_at_once_all_get_the_one_secret_and_none_sees_it_half_written(tmp_path: Path) -> None:
+    # Proxy workers start together on a fresh home: one creates the secret while the others read it.
+    context = multiprocessing.get_context("spawn")
+    start, out = context.Barrier(6), context.Queue()
+    children = [context.Process(target=_secret_in_child, args=(str(tmp_path), start, out, n == 0)) for n in range(6)]
+    for child in children:
+        child.start()
+    secrets_seen = [out.get(timeout=60) for _ in children]
+    for child in children:
+        child.join(30)
+    assert len(set(secrets_seen)) == 1, secrets_seen
+    assert len(secrets_seen[0]) >= 32 and not secrets_seen[0].startswith("error")
+    assert (tmp_path / SECRET_FILE).read_bytes().strip().decode() == secrets_seen[0]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [SECRET_FILE]  # no temporary file left behind
