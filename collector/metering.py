@@ -676,10 +676,10 @@ class CallMeter:
             choices = body.get("choices") or []
             if choices and isinstance(choices[0], Mapping):
                 record.finish_reason = choices[0].get("finish_reason")
-                message = choices[0].get("message") or {}
-                text_parts.append(str(message.get("content") or ""))
-                text_parts.append(str(message.get("reasoning_content") or ""))
-                record.tool_call_count = len(message.get("tool_calls") or [])
+                reply = choices[0].get("message") or {}
+                text_parts.append(str(reply.get("content") or ""))
+                text_parts.append(str(reply.get("reasoning_content") or ""))
+                record.tool_call_count = len(reply.get("tool_calls") or [])
         usage = body.get("usage")
         self._apply_tokens(record, usage if isinstance(usage, Mapping) else None, None, "".join(text_parts))
 
