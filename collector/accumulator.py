@@ -48,10 +48,10 @@ _Part = str | tuple[str] | bytes
 
 
 def _raw_text(part: tuple[str] | bytes) -> str:
-    if isinstance(part, bytes):
-        # Each part decoded on its own, bad bytes replaced, as the SSE decoder decodes its line.
-        return json_string(part.decode("utf-8", "replace"))
-    return json_string(part[0])
+    if isinstance(part, tuple):
+        return json_string(part[0])
+    # Each part decoded on its own, bad bytes replaced, as the SSE decoder decodes its line.
+    return json_string(part.decode("utf-8", "replace"))
 
 
 def _join(parts: list[_Part]) -> str:

@@ -142,7 +142,9 @@ class SSEDecoder:
 
         A read that is exactly one complete event then decodes the same whatever came before
         it (the last event ID aside, which it can only set), so a caller that recognises
-        such a read may account for it with ``skip_event`` instead of ``feed``.
+        such a read may account for it with ``skip_event`` instead of ``feed``, or not give
+        it to the decoder at all if it only compares offsets with each other (as
+        ``CallMeter`` does: every offset then leaves the read out alike).
         """
         return (
             not self._pending
