@@ -189,16 +189,12 @@ class StreamAccumulator(_Timings):
         self.add_matched(template, body, at)
         return True
 
-    def add_templated_event(self, event: bytes, at: float) -> bool:
-        """``add_templated`` for the chunk as one whole SSE event on the wire (``data: <chunk>\\n\\n``).
+    def fold_event(self, event: bytes, clock: Callable[[], float]) -> bool:
+        """``add_templated`` for the chunk as one whole SSE event on the wire (``data: <chunk>\n\n``),
+        at the time ``clock()`` tells (read only if the event is folded).
 
         False when ``event`` is anything else (several events, a partial one, CRLF framing,
         another shape): the caller decodes it the ordinary way.
-        """
-        return self.fold_event(event, lambda: at)
-
-    def fold_event(self, event: bytes, clock: Callable[[], float]) -> bool:
-        """``add_templated_event`` at the time ``clock()`` tells, read only if the event is folded.
 
         The metering core's path for most reads of a live stream, so it is one call: the
         usual case (the same shape as the last chunk) is ``ChunkTemplate.event_body`` and
@@ -241,18 +237,6 @@ class StreamAccumulator(_Timings):
             if self.first_token_at is None:
                 self.first_token_at = at
         return True
-
-    def match_event(self, event: bytes) -> tuple[ChunkTemplate, str] | None:
-        """The template ``event`` (one whole SSE event) matches and its token's raw body; changes no result."""
-        templates = self._templates
-        for position, template in enumerate(templates):
-            body = template.match_event(event)
-            if body is not None:
-                if position:
-                    del templates[position]
-                    templates.insert(0, template)  # the next chunk is most likely this shape again
-                return template, body
-        return None
 
     def add_matched(self, template: ChunkTemplate, body: str, at: float) -> None:
         """Fold a chunk a template recognised, from its token's raw body: what ``add_chunk`` would do with it."""

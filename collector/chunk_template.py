@@ -14,7 +14,7 @@ for metering is then known without ``json.loads``: it carries no usage, no finis
 no error, and its token is that one string.
 
 A template also matches its chunk framed as a whole SSE event on the wire,
-``data: <chunk>\n\n`` (``match_event``), so the metering core can fold a read that is
+``data: <chunk>\n\n`` (``event_body``), so the metering core can fold a read that is
 exactly one such event from its bytes, without the SSE decoder or a UTF-8 decode of the
 envelope. The envelope contains no line break, and a string body cannot contain one, so
 such a read is one ``data`` line and its blank line, nothing else.
@@ -96,17 +96,9 @@ class ChunkTemplate:
             return body  # no control character (none is printable), quote or escape: valid as it stands
         return body if _fullmatch(body) is not None else None
 
-    def match_event(self, event: bytes) -> str | None:
-        """As ``match``, for the chunk framed as one LF-terminated SSE event: ``data: <chunk>\n\n``.
-
-        The body is decoded as the SSE decoder decodes a line (UTF-8, bad bytes replaced);
-        the envelope around it is ASCII-delimited, so decoding the body alone gives the same text.
-        """
-        body = self.event_body(event)
-        return None if body is None else body.decode("utf-8", "replace")
-
     def event_body(self, event: bytes) -> bytes | None:
-        """As ``match_event``, but the body's raw bytes: neither UTF-8 decoded nor unescaped yet.
+        """As ``match``, for the chunk framed as one LF-terminated SSE event (``data: <chunk>\n\n``):
+        the body's raw bytes, neither UTF-8 decoded nor unescaped yet.
 
         ``removeprefix`` / ``removesuffix`` take one argument, so they cost about half of
         ``startswith`` / ``endswith`` (whose optional arguments are parsed on every call) and

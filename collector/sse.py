@@ -142,9 +142,8 @@ class SSEDecoder:
 
         A read that is exactly one complete event then decodes the same whatever came before
         it (the last event ID aside, which it can only set), so a caller that recognises
-        such a read may account for it with ``skip_event`` instead of ``feed``, or not give
-        it to the decoder at all if it only compares offsets with each other (as
-        ``CallMeter`` does: every offset then leaves the read out alike).
+        such a read may leave it out of the decoder altogether, as long as it only compares
+        offsets with each other (as ``CallMeter`` does: every offset then leaves it out alike).
         """
         return (
             not self._pending
@@ -153,26 +152,6 @@ class SSEDecoder:
             and self._bom_checked
             and not self._failed
         )
-
-    def skip_event(self, event: bytes) -> bool:
-        """Account for one complete event the caller read itself, exactly as ``feed`` would have.
-
-        ``event`` must be one ``data:`` line (no ``id``, ``event`` or ``retry`` field), LF-ended,
-        and its blank line; such an event changes nothing but the offsets. Returns False, and
-        changes nothing, unless the decoder is ``between_events`` (the caller must then ``feed`` it).
-        """
-        if (
-            self._pending
-            or self._block_start is not None
-            or self._skip_lf
-            or not self._bom_checked
-            or self._failed
-            or not (event.startswith(b"data:") and event.endswith(b"\n\n"))
-        ):
-            return False
-        self._offset += len(event)
-        self._base += len(event)
-        return True
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Take the next read of the body; return the events it completed, in order."""

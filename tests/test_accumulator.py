@@ -256,10 +256,7 @@ def test_a_long_tool_call_folded_from_templates_keeps_every_escaped_fragment_in_
     for i, fragment in enumerate(fragments, start=1):
         chunk = {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]}}]}
         data = json.dumps(chunk, separators=(",", ":"))
-        template = acc.match_event(f"data: {data}\n\n".encode())
-        if template is not None:
-            acc.add_matched(template[0], template[1], float(i))
-        else:
+        if not acc.fold_event(f"data: {data}\n\n".encode(), lambda: float(i)):
             acc.add_chunk(json.loads(data), float(i), data)
     assert acc.chunk_count == len(fragments) + 1
     [call] = acc.tool_calls

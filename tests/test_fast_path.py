@@ -4,8 +4,8 @@ Three layers skip work for the usual chunk (see ``collector.chunk_template``):
 
 * ``StreamAccumulator.add_templated``: a payload shaped like a chunk already parsed, but for
   its one token string, is folded from that string;
-* ``StreamAccumulator.add_templated_event`` + ``SSEDecoder.skip_event``: a read that is exactly
-  one such event is folded from its bytes, without the decoder;
+* ``StreamAccumulator.fold_event``: a read that is exactly one such event, arriving while
+  the decoder holds nothing, is folded from its bytes and never reaches the decoder;
 * ``SSEDecoder._data_events``: one-line ``data:`` events are cut with one ``find`` each.
 
 Every test here compares the fast result with the plain one: an accumulator that parses
@@ -189,7 +189,7 @@ def test_a_hole_that_is_not_a_complete_json_string_body_is_refused(body: str) ->
     template = template_of(chunk_text("Hello"))
     text = template.prefix + body + template.suffix
     assert template.match(text) is None
-    assert template.match_event(b"data: " + text.encode() + b"\n\n") is None
+    assert template.event_body(b"data: " + text.encode() + b"\n\n") is None
 
 
 def test_a_text_shorter_than_prefix_and_suffix_together_is_refused() -> None:
@@ -197,7 +197,7 @@ def test_a_text_shorter_than_prefix_and_suffix_together_is_refused() -> None:
     text = '{"a":"x"}'  # starts with the prefix and ends with the suffix, but they overlap
     assert text.startswith(template.prefix) and text.endswith(template.suffix)
     assert template.match(text) is None
-    assert template.match_event(b"data: " + text.encode() + b"\n\n") is None
+    assert template.event_body(b"data: " + text.encode() + b"\n\n") is None
 
 
 @pytest.mark.parametrize(
@@ -281,11 +281,11 @@ def test_usage_on_a_chunk_shaped_like_the_others_is_still_read() -> None:
 def test_an_event_framed_with_crlf_or_without_the_space_or_two_events_in_a_read_goes_the_ordinary_way() -> None:
     text = chunk_text("b")
     template = template_of(chunk_text("a"))
-    assert template.match_event(b"data: " + text.encode() + b"\n\n") == "b"
-    assert template.match_event(b"data: " + text.encode() + b"\r\n\r\n") is None
-    assert template.match_event(b"data:" + text.encode() + b"\n\n") is None
-    assert template.match_event((b"data: " + text.encode() + b"\n\n") * 2) is None
-    assert template.match_event(b"data: " + text.encode() + b"\n") is None
+    assert template.event_body(b"data: " + text.encode() + b"\n\n") == b"b"
+    assert template.event_body(b"data: " + text.encode() + b"\r\n\r\n") is None
+    assert template.event_body(b"data:" + text.encode() + b"\n\n") is None
+    assert template.event_body((b"data: " + text.encode() + b"\n\n") * 2) is None
+    assert template.event_body(b"data: " + text.encode() + b"\n") is None
 
 
 def test_invalid_utf8_inside_a_token_is_replaced_as_the_decoder_replaces_it() -> None:
@@ -296,7 +296,7 @@ def test_invalid_utf8_inside_a_token_is_replaced_as_the_decoder_replaces_it() ->
     assert comparable(fast) == comparable(slow)
     wire = StreamAccumulator(0.0)
     wire.add_data(chunk_text("a"), 0.0)
-    assert wire.add_templated_event(bad, 1.0)
+    assert wire.fold_event(bad, lambda: 1.0)
     plain = StreamAccumulator(0.0, learn=False)
     plain.add_data(chunk_text("a"), 0.0)
     plain.add_data(bad[len(b"data: ") : -2].decode("utf-8", "replace"), 1.0)
@@ -311,7 +311,7 @@ def test_a_character_split_between_two_folded_reads_is_replaced_per_read_as_the_
               for i, half in enumerate(["x中".encode()[:3], "中y".encode()[1:]])]
     wire = StreamAccumulator(0.0)
     wire.add_data(chunk_text("a"), 0.0)
-    assert all(wire.add_templated_event(event, 1.0) for event in halves)
+    assert all(wire.fold_event(event, lambda: 1.0) for event in halves)
     plain = StreamAccumulator(0.0, learn=False)
     for event in [first, *halves]:
         plain.add_data(event[len(b"data: ") : -2].decode("utf-8", "replace"), 1.0)
@@ -376,40 +376,6 @@ def test_reads_of_one_event_each_skip_the_decoder_after_the_first() -> None:
     assert decoded == [events[0], events[-1]]
     record = m.finish("eof")
     assert record.chunk_count == 50 and m._acc.content == "".join(f"w{i} " for i in range(50))
-
-
-def test_skip_event_moves_offsets_exactly_as_feeding_the_event_would() -> None:
-    events = [b"data: {\"n\":1}\n\n", b"data: {\"n\":2}\n\n", b": keep-alive\n\n", b"data: {\"n\":3}\n\n"]
-    fed = SSEDecoder()
-    expected = [e for read in events for e in fed.feed(read)]
-    skipping = SSEDecoder()
-    got = skipping.feed(events[0])
-    assert skipping.between_events
-    assert skipping.skip_event(events[1])
-    got += skipping.feed(events[2]) + skipping.feed(events[3])
-    assert got == [expected[0], expected[2]]
-    assert (skipping.offset, skipping.stable_offset) == (fed.offset, fed.stable_offset)
-
-
-@pytest.mark.parametrize("held", [b"data: {\"n\"", b"data: {}\r", b"data: {}\n", b"\xef\xbb"])
-def test_skip_event_is_refused_while_the_decoder_holds_a_partial_line_block_or_bom(held: bytes) -> None:
-    decoder = SSEDecoder()
-    decoder.feed(held)
-    before = (decoder.offset, decoder.stable_offset)
-    assert not decoder.between_events
-    assert not decoder.skip_event(b"data: {}\n\n")
-    assert (decoder.offset, decoder.stable_offset) == before
-    # What it holds still completes as it would have: the refused read is fed instead.
-    events = decoder.feed(b"data: {}\n\n") + decoder.flush()
-    plain = SSEDecoder()
-    assert events == plain.feed(held + b"data: {}\n\n") + plain.flush()
-
-
-def test_skip_event_refuses_a_read_that_is_not_framed_as_a_data_event() -> None:
-    decoder = SSEDecoder()
-    assert not decoder.skip_event(b"event: x\ndata: {}\n\n")
-    assert not decoder.skip_event(b"data: {}\r\n\r\n")
-    assert decoder.offset == 0
 
 
 # -- generated streams ---------------------------------------------------------------------------
