@@ -62,7 +62,9 @@ __all__ = [
 ]
 
 PERIODS: tuple[str, ...] = ("day", "week", "month")
-GROUPS: tuple[str, ...] = ("model", "status", "key")  # plus tag:<key>
+# Plus tag:<key>. ``user`` (the request body's end-user id) is read from the ledger itself: the
+# daily rollup does not keep it (see collector.queries.RAW_ONLY_DIMS).
+GROUPS: tuple[str, ...] = ("model", "status", "key", "user")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _PERCENT = Decimal("0.01")
 

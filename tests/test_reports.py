@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from collector.cli import main
 from collector.pricing import default_pricer
 from collector.record import UsageRecord
-from collector.rollups import attach
+from collector.rollups import attach, rebuild
 from collector.store import LedgerStore
 from collector.writer import LedgerWriter
 
@@ -60,6 +60,9 @@ def _record(rng: random.Random, day: date, team: str, model: str, status: str = 
         reasoning_tokens=out // 3 if tokens else None,
         usage_estimated=status == "cancelled",
         key_fingerprint=f"fp-{team}",
+        # The body's end user; one call in three has none (taken from the time, so the random
+        # sequence, and every other figure, stays as it was).
+        user=None if started.second % 3 == 0 else f"user-{started.second % 4}",
         tags={"team": team, "env": "prod"},
     )
 
@@ -159,6 +162,31 @@ def test_breakdown_by_model_and_team_with_change_against_the_previous_day(seeded
         assert Decimal(row["change"]) == now.get(key, Decimal(0)) - before.get(key, Decimal(0))
     costs = [Decimal(row["cost"]) for row in rows if row["currency"] == "USD"]
     assert costs == sorted(costs, reverse=True)
+
+
+def test_breakdown_and_top_spenders_by_end_user_are_the_hand_sums_with_the_rollup_built(seeded: Seeded) -> None:
+    # Reports read the rollup, which keeps no end user: a user grouping must come from the ledger.
+    rebuild(LedgerStore(seeded.url))
+    report = _report(seeded.url, "--date", DAY.isoformat(), "--period", "week", "--group-by", "user",
+                     "--top-by", "user", "--top", "3")
+
+    def spend(first: date, last: date) -> dict[str | None, Decimal]:
+        out: dict[str | None, Decimal] = {}
+        for r in _on(seeded.records, first, last):
+            if r.completion_tokens is not None and r.model is not None:
+                out[r.user] = out.get(r.user, Decimal(0)) + sum(_cost(r), Decimal(0))
+        return out
+
+    now, before = spend(date(2026, 10, 8), DAY), spend(date(2026, 10, 1), date(2026, 10, 7))
+    assert None in now and len(now) >= 3  # calls with and without a user, several users
+    rows = {row["groups"]["user"]: row for row in report["breakdown"]["rows"] if row["currency"] == "USD"}
+    assert {user: Decimal(row["cost"]) for user, row in rows.items()} == {
+        user: now.get(user, Decimal(0)) for user in set(now) | set(before)}
+    assert {user: Decimal(row["previous_cost"]) for user, row in rows.items()} == {
+        user: before.get(user, Decimal(0)) for user in set(now) | set(before)}
+    assert report["top_spenders"]["by"] == "user"
+    top = [(row["group"], Decimal(row["cost"])) for row in report["top_spenders"]["rows"] if row["currency"] == "USD"]
+    assert top == sorted(now.items(), key=lambda item: -item[1])[:3]
 
 
 def test_week_and_month_periods_and_their_previous_periods(seeded: Seeded) -> None:

@@ -86,10 +86,10 @@ def write_output(text: str, output: Path | None) -> None:
               help="day: that day; week: the 7 days ending on it; month: its month up to it.")
 @click.option("--tz", "tz", default=None, metavar="ZONE", help="IANA time zone for days and months. Default: UTC.")
 @click.option("--group-by", "group_by", default=None, metavar="ITEMS",
-              help="Breakdown, e.g. model,tag:team (items: model, status, key, tag:<key>; grouped jointly).")
+              help="Breakdown, e.g. model,tag:team (items: model, status, key, user, tag:<key>; grouped jointly).")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Only calls carrying this tag (repeatable).")
 @click.option("--top-by", default="key", show_default=True, metavar="ITEM",
-              help="Top spenders by key (fingerprint), model, status or tag:<key>.")
+              help="Top spenders by key (fingerprint), model, status, user (the body's `user` field) or tag:<key>.")
 @click.option("--top", "top_limit", type=click.IntRange(1, 1000), default=10, show_default=True,
               help="How many top spenders.")
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "json", "html"]), default="md", show_default=True)
