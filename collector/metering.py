@@ -363,11 +363,10 @@ class CallMeter:
         The fast path changes none of that, so this is decided once per read the decoder takes,
         not again for every read folded in between.
         """
-        capable = self._fast_capable
+        capable = self._fast_capable  # None once parsing broke (_break clears it)
         self._fast = (
             capable
             if capable is not None
-            and self._broken is None
             and not self._pending
             and self._cut_lf_at is None
             and self._decoder.between_events
