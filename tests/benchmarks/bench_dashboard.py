@@ -38,6 +38,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -80,7 +84,7 @@ def seed(url: str, rows: int, now: datetime) -> float:
             if len(batch) == BATCH:
                 store.insert(batch)
                 batch = []
-                print(f"\r  seeded {store_count(store):,} rows", end="", file=sys.stderr, flush=True)
+                print(f"\r  seeded {call_count(store.engine):,} rows", end="", file=sys.stderr, flush=True)
         if batch:
             store.insert(batch)
     finally:
@@ -133,17 +137,13 @@ def migrate(url: str) -> None:
 
 def last_call(url: str) -> tuple[datetime, int]:
     """The newest call's start in a ledger being reused (the measured "now"), and how many calls it holds."""
-    import sqlalchemy as sa
-
-    from collector.models import Call
     from collector.queries import filter_choices
     from dashboard.engine import open_read_only
 
     engine = open_read_only(url)
     try:
         last = filter_choices(engine).last_call
-        with engine.connect() as connection:
-            count = int(connection.execute(sa.select(sa.func.count()).select_from(Call)).scalar_one())
+        count = call_count(engine)
     finally:
         engine.dispose()
     if last is None:
@@ -151,11 +151,9 @@ def last_call(url: str) -> tuple[datetime, int]:
     return last, count
 
 
-def store_count(store: object) -> int:
-    from collector.store import LedgerStore
-
-    assert isinstance(store, LedgerStore)
-    with store.engine.connect() as connection:
+def call_count(engine: Engine) -> int:
+    """How many calls the ledger behind ``engine`` holds."""
+    with engine.connect() as connection:
         return int(connection.exec_driver_sql("SELECT count(*) FROM calls").scalar_one())
 
 

@@ -45,7 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_proxy import _SIMULATOR, Child, Run, measure  # noqa: E402
+from bench_proxy import _SIMULATOR, Child, Run, measure, paced_arrivals  # noqa: E402
 from benchutil import Server, conditions  # noqa: E402
 
 DEFAULT_VERSION = "1.106.0"
@@ -215,9 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             out: dict[str, Any] = {"runs": results}
             if not args.no_paced:
                 paced_headers = {**headers, "X-Simulator-Output-Tokens": "100", "X-Simulator-Chunk-Delay-Ms": f"{delay_ms:g}"}
-                # Steady: the 100 streams start spread over one stream's length (100 chunks), so 100
-                # stay in flight; burst: all 100 at the same instant (see bench_proxy.py).
-                for arrivals, stagger, streams in (("steady", 100 / args.paced_rate / 100, 300), ("burst", 0.0, 200)):
+                for arrivals, stagger, streams in paced_arrivals(100, args.paced_rate):  # paced streams: 100 chunks
                     direct = measure("direct", sim_url, 100, streams, _body("deepseek-v4-flash"), paced_headers, None, stagger)
                     ours = measure("dsmeter", dsmeter_url, 100, streams, _body("deepseek-v4-flash"), paced_headers, dsmeter,
                                    stagger)

@@ -103,6 +103,15 @@ class Run:
         return self.streams / self.wall_seconds
 
 
+def paced_arrivals(chunks: int, rate: float) -> list[tuple[str, float, int]]:
+    """The paced runs' two arrival patterns: (name, stagger seconds, streams) for 100 workers.
+
+    Steady: one stream lasts ``chunks / rate`` seconds; starting the 100 that far apart in all
+    keeps 100 in flight with arrivals evenly spread. Burst: all 100 at the same instant.
+    """
+    return [("steady", chunks / rate / 100, 300), ("burst", 0.0, 200)]
+
+
 def measure(target: str, base_url: str, concurrency: int, streams: int, body: bytes, headers: dict[str, str],
             proxy: Server | None, stagger: float = 0.0) -> Run:
     cpu_before = proxy.cpu_seconds() if proxy else 0.0
@@ -235,10 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             paced: dict[str, list[tuple[Run, Run]]] = {}
             if not args.no_paced and not args.quick:
                 paced_headers = {**headers, "X-Simulator-Chunk-Delay-Ms": f"{1000.0 / args.paced_rate:g}"}
-                # Steady: one stream lasts output_tokens / rate seconds; starting the 100 that far
-                # apart in all keeps 100 in flight with arrivals evenly spread.
-                stagger = args.output_tokens / args.paced_rate / 100
-                for arrivals, spread, streams in (("steady", stagger, 300), ("burst", 0.0, 200)):
+                for arrivals, spread, streams in paced_arrivals(args.output_tokens, args.paced_rate):
                     paced[arrivals] = [
                         (measure("direct", sim_url, 100, streams, body, paced_headers, None, spread),
                          measure("proxy", proxy_url, 100, streams, body, paced_headers, proxy, spread))
