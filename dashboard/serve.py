@@ -11,6 +11,7 @@ every later visitor gets for free.
 from __future__ import annotations
 
 import gc
+import logging
 import sys
 from pathlib import Path
 
@@ -21,10 +22,21 @@ APP = Path(__file__).resolve().parent / "app.py"
 
 def warm() -> None:
     """Import the dashboard's modules and load what is read once per process."""
-    import dashboard.app_pages  # noqa: F401 - importing is the point
-    import dashboard.charts  # noqa: F401
-    import dashboard.data  # noqa: F401
-    import dashboard.views  # noqa: F401
+    # Importing decorates the loaders with st.cache_data before `streamlit run` has made its
+    # runtime, and Streamlit warns once per loader that it has none. The caches themselves are
+    # made on each loader's first call, under the runtime, so those warnings are about nothing.
+    import streamlit.runtime.caching.cache_data_api as cache_data_api  # its logger, as Streamlit sets it up
+
+    cache_log = logging.getLogger(cache_data_api.__name__)
+    level = cache_log.level
+    cache_log.setLevel(logging.ERROR)
+    try:
+        import dashboard.app_pages  # noqa: F401 - importing is the point
+        import dashboard.charts  # noqa: F401
+        import dashboard.data  # noqa: F401
+        import dashboard.views  # noqa: F401
+    finally:
+        cache_log.setLevel(level)
     from collector.pricebook import shipped_book
     from dashboard.engine import head_revision
 

@@ -118,3 +118,15 @@ def test_warming_the_server_imports_the_ledgers_driver_and_freezes_what_it_loade
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["True", "True"]
+
+
+def test_warming_the_server_prints_no_warnings_about_caches_it_has_not_made_yet() -> None:
+    # Importing the pages decorates their loaders with st.cache_data before `streamlit run` has
+    # a runtime, and Streamlit warned once per loader ("No runtime found, using
+    # MemoryCacheStorageManager"): a dozen lines a new user saw under `dsmeter demo`. The caches
+    # themselves are made on first call, under the runtime, so the warning is about nothing.
+    done = subprocess.run([sys.executable, "-c", "from dashboard.serve import warm\nwarm()\n"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "No runtime found" not in done.stderr + done.stdout
+    assert "WARNING" not in done.stderr
