@@ -4,11 +4,12 @@ They live on the ledger's ``Base.metadata`` so ``alembic check`` sees one schema
 migration spells them with plain SQLAlchemy types (the same way 0001 spells the ledger).
 
 ``rollup_daily`` holds one row per (UTC day, model, status, currency, key fingerprint,
-tag set, tariff) with the sums a report needs. Its key columns are NOT NULL (a primary key
-cannot hold NULL), so an unknown value is stored as ``''`` (``UNKNOWN``) and read back as
-None. A tag set is stored once, in ``rollup_tag_sets``, keyed by a hash of its canonical
-JSON, and its tags one per row in ``rollup_tag_set_items`` so any tag key can be grouped on
-or filtered by with plain SQL on both dialects.
+tag set, tariff, shard) with the sums a report needs; a key has a row per shard that
+concurrent writers added to (see ``collector.rollups``), and reads sum over them. Its key
+columns are NOT NULL (a primary key cannot hold NULL), so an unknown value is stored as
+``''`` (``UNKNOWN``) and read back as None. A tag set is stored once, in ``rollup_tag_sets``,
+keyed by a hash of its canonical JSON, and its tags one per row in ``rollup_tag_set_items``
+so any tag key can be grouped on or filtered by with plain SQL on both dialects.
 
 ``rollup_state`` is one row saying whether the rollup covers the whole ledger: a ledger
 that had calls before the rollup existed is read raw until ``dsmeter rollup`` builds it.
@@ -23,7 +24,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import cast
 
-from sqlalchemy import BigInteger, Boolean, Date, Index, Integer, String, Table, Text
+from sqlalchemy import BigInteger, Boolean, Date, Index, Integer, SmallInteger, String, Table, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from collector.models import Base, Money, UTCDateTime
@@ -126,6 +127,10 @@ class RollupDaily(Base):
     cost_cache_hit: Mapped[Decimal] = mapped_column(Money)
     cost_cache_miss: Mapped[Decimal] = mapped_column(Money)
     cost_output: Mapped[Decimal] = mapped_column(Money)
+    # Which writer transaction added to this row (``collector.rollups``, migration 0006): writers
+    # adding to one key at the same time use different shards, so they never wait on each
+    # other's row lock. Reads sum over shards as they sum over rows.
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True, server_default=text("0"))
 
 
 class RollupTagSet(Base):

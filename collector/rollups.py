@@ -1,4 +1,4 @@
-"""Daily rollups: per (UTC day, model, status, currency, key fingerprint, tag set, tariff) sums.
+"""Daily rollups: per (UTC day, model, status, currency, key fingerprint, tag set, tariff) sums, in shards.
 
 Reports and the dashboard read ``rollup_daily`` instead of scanning millions of calls
 (``collector.queries`` picks it when the range is whole UTC days). It must always equal
@@ -13,10 +13,19 @@ what the raw ledger gives, so it changes in exactly two ways:
   reprice, after upgrading a ledger that had calls before the rollup existed). It replaces
   the days' rows in one transaction. Idempotent: any range, any number of times.
 
-The two serialise on a lock (PostgreSQL advisory lock, SQLite's write lock). One race is left
-where calls are committed before their sums are added (a replay, or a batch whose rollup had
-to wait), or, on PostgreSQL, inserted before the batch takes the rollup lock: a rebuild that
-read the raw ledger in between has already counted them. So every rebuild stamps the days it
+Writers do not wait for each other (PostgreSQL; SQLite's writers take turns on the whole
+file anyway). Each writer transaction adds to a ``shard`` of the rollup that no other open
+transaction holds: it claims one with a transaction-scoped advisory lock, preferring the
+shard it used last, so a key has a row per writer that added to it at the same time rather
+than one row every writer queues on. Reads sum over shards as they sum over rows; a rebuild
+writes one row per key. A new tag set is committed before the batch that carries it
+(``RollupHook.prepare``), so two batches with the same new tags do not queue on it either.
+
+Writers and rebuilds serialise on a lock (PostgreSQL advisory lock, shared by writers,
+exclusive for a rebuild; SQLite's write lock). One race is left where calls are committed
+before their sums are added (a replay, or a batch whose rollup had to wait), or, on
+PostgreSQL, inserted before the batch takes the rollup lock: a rebuild that read the raw
+ledger in between has already counted them. So every rebuild stamps the days it
 re-derived, and a hook that finds one of its days re-derived within ``REBUILD_MARGIN`` of its
 own start re-derives that day too instead of adding to it (on PostgreSQL, in a transaction of
 its own under the exclusive lock): exact either way.
@@ -31,6 +40,7 @@ import json
 import logging
 import operator
 import os
+import random
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -57,10 +67,11 @@ from collector.reporting_schema import (
     tag_set_id,
     tags_text,
 )
-from collector.store import BulkInsert, LedgerStore
+from collector.store import BulkInsert, LedgerStore, is_operational_error
 
 __all__ = [
     "ROLLUP_DIMS",
+    "ROLLUP_SHARDS",
     "REBUILD_MARGIN",
     "RollupKey",
     "Sums",
@@ -83,6 +94,10 @@ ROLLUP_DIMS: tuple[str, ...] = ("day", "model", "status", "currency", "key", "ta
 # it must exceed the time between a writer's commit and its hook (milliseconds) plus clock skew.
 REBUILD_MARGIN = timedelta(seconds=5)
 _LOCK_KEY = 0x64736D726F6C6C31  # "dsmroll1": PostgreSQL advisory lock taken only by rollup writers
+# Writer transactions that can add to one key at once without waiting; past that they share shards
+# (still exact: the upsert then waits on the row lock, as every writer did before shards).
+ROLLUP_SHARDS = 16
+_SHARD_LOCK_SPACE = 0x64736D73  # "dsms": advisory locks (space, shard), one per shard, int4 pairs
 _MEASURES = ROLLUP_COUNT_COLUMNS + ROLLUP_MONEY_COLUMNS
 
 # (day, model, status, currency, key_fingerprint, tag_set_id, tariff_id); '' for a NULL.
@@ -216,7 +231,7 @@ def _statements(dialect: sa.Dialect) -> _Statements:
         insert = _insert(dialect.name)
         add = insert(ROLLUP_DAILY)
         add = add.on_conflict_do_update(
-            index_elements=list(ROLLUP_KEY_COLUMNS),
+            index_elements=[*ROLLUP_KEY_COLUMNS, "shard"],
             set_={name: ROLLUP_DAILY.c[name] + add.excluded[name] for name in _MEASURES},
         )
         found = _compiled[key] = _Statements(
@@ -252,20 +267,44 @@ def _store_tag_sets(connection: Connection, tag_sets: dict[str, dict[str, str]])
 def _row(key: RollupKey, sums: Sums) -> dict[str, Any]:
     row: dict[str, Any] = dict(zip(ROLLUP_KEY_COLUMNS, key))
     row.update({name: sums[name] for name in _MEASURES})
+    row["shard"] = 0  # a re-derived day is one row per key
     return row
 
 
-# rollup_daily's columns are the key's, then the measures': a row is the key plus its sums, in that order.
+# rollup_daily's columns are the key's, the measures', then the shard: a row is the key, its sums and its shard.
 _measures_of = operator.itemgetter(*_MEASURES)
-if [c.key for c in ROLLUP_DAILY.columns] != [*ROLLUP_KEY_COLUMNS, *_MEASURES]:  # pragma: no cover
-    raise RuntimeError("rollup_daily's columns are no longer (key columns, measures) in order")
+if [c.key for c in ROLLUP_DAILY.columns] != [*ROLLUP_KEY_COLUMNS, *_MEASURES, "shard"]:  # pragma: no cover
+    raise RuntimeError("rollup_daily's columns are no longer (key columns, measures, shard) in order")
 
 
-def _add_sums(connection: Connection, sums: dict[RollupKey, Sums]) -> None:
-    """Add ``sums`` to the rollup rows (created when absent), in key order so writers never deadlock."""
+def _claim_shard(connection: Connection, preferred: int) -> int:
+    """A shard no other open writer transaction adds to, held until this transaction ends.
+
+    PostgreSQL: the first of ``preferred``, ``preferred + 1``, ... (modulo ``ROLLUP_SHARDS``)
+    whose advisory lock is free, in one round trip; ``preferred`` if every one is taken.
+    SQLite: 0, since its writers hold the whole database in turn.
+    """
+    if connection.dialect.name != "postgresql":
+        return 0
+    claimed = connection.execute(
+        sa.text(
+            # A volatile function in WHERE is evaluated row by row in generate_series order, and
+            # LIMIT stops at the first lock taken: no other shard's lock is touched.
+            "SELECT shard FROM (SELECT (CAST(:preferred AS integer) + i) % :shards AS shard"
+            " FROM generate_series(0, :shards - 1) AS i) AS candidates"
+            " WHERE pg_try_advisory_xact_lock(:space, shard) LIMIT 1"
+        ),
+        {"preferred": preferred, "shards": ROLLUP_SHARDS, "space": _SHARD_LOCK_SPACE},
+    ).scalar()
+    return preferred if claimed is None else int(claimed)
+
+
+def _add_sums(connection: Connection, sums: dict[RollupKey, Sums], shard: int) -> None:
+    """Add ``sums`` to the rollup rows of ``shard`` (created when absent), in key order so writers never deadlock."""
     if sums:
         add = _statements(connection.dialect).add_sums
-        add.execute_values(connection, [add.row_values(key + _measures_of(sums[key])) for key in sorted(sums)])
+        tail = (shard,)
+        add.execute_values(connection, [add.row_values(key + _measures_of(sums[key]) + tail) for key in sorted(sums)])
 
 
 def _stamp(connection: Connection, days: Iterable[date], at: datetime) -> None:
@@ -366,6 +405,7 @@ def rebuild(store: LedgerStore, since: date | None = None, until: date | None = 
 
 
 MAX_PENDING = 50_000  # rollup rows kept in memory while the rollup cannot be written
+_MAX_REMEMBERED_TAG_SETS = 100_000  # past this many a hook forgets them all (bounded memory) and stores them again
 
 
 class _NeedsExclusive(Exception):
@@ -391,6 +431,10 @@ class RollupHook:
         self._store = store
         self._pid = os.getpid()
         self._lock = threading.Lock()
+        # The shard this hook adds to while no other writer holds it (see the module doc).
+        self._shard = random.randrange(ROLLUP_SHARDS)
+        # Tag sets (as calls carry them) this process has seen committed: ``prepare`` skips them.
+        self._stored_tag_sets: set[tuple[tuple[str, str], ...]] = set()
         self._pending: dict[RollupKey, Sums] = {}
         self._pending_tags: dict[str, dict[str, str]] = {}
         # Between stage() and settle(): the batch's own sums, and whether the savepoint wrote them.
@@ -411,6 +455,7 @@ class RollupHook:
             self._pid = os.getpid()
             self._lock = threading.Lock()
             self._pending, self._pending_tags = {}, {}
+            self._shard = random.randrange(ROLLUP_SHARDS)  # parent and child write at the same time
 
     def __call__(self, records: Sequence[UsageRecord]) -> None:
         self._after_fork()
@@ -420,7 +465,37 @@ class RollupHook:
             self._keep(sums, tag_sets)
             self._try(started)
 
-    # -- in the batch's transaction (collector.store.TransactionCompanion) ----------------------
+    # -- around the batch's transaction (collector.store.TransactionCompanion) ------------------
+
+    def prepare(self, connection: Connection, rows: list[Any]) -> None:
+        """Before the batch's transaction, commit the tag sets of ``rows`` not seen stored yet.
+
+        A tag set added inside the batch is a new row until that batch commits, and another
+        writer's batch adding the same set waits for that commit. Committed here, in a short
+        transaction of its own, both find it stored and neither waits. The batch adds its tag
+        sets again in its own transaction all the same (a full rebuild removes unused ones),
+        which costs nothing once they are stored. PostgreSQL only: SQLite's writers take turns.
+        """
+        if connection.dialect.name != "postgresql":
+            return
+        self._after_fork()
+        stored = self._stored_tag_sets
+        new = {tuple(tags.items()) if (tags := row.tags) else () for row in rows} - stored
+        if not new:
+            return
+        tag_sets = {tag_set_id(canonical): canonical for canonical in (canonical_tags(dict(given)) for given in new)}
+        try:
+            with connection.begin():
+                _store_tag_sets(connection, tag_sets)
+        except Exception as error:
+            if is_operational_error(error):
+                raise  # the database or the connection failed: the batch's own outage handling decides
+            # Refused (never expected of these rows): it only saved a wait, and the batch adds them itself.
+            log.debug("tag sets not stored ahead of the batch: %s", (str(error).splitlines() or [""])[0])
+            return
+        if len(stored) > _MAX_REMEMBERED_TAG_SETS:
+            stored.clear()
+        stored.update(new)
 
     def stage(self, connection: Connection, rows: list[Any]) -> None:
         """Add the sums of ``rows`` (and any waiting ones) inside the caller's transaction.
@@ -513,8 +588,8 @@ class RollupHook:
             with _begin(store.engine) as connection, connection.begin():
                 self._write_in(connection, self._pending, self._pending_tags, started, exclusive=True)
 
-    @staticmethod
     def _write_in(
+        self,
         connection: Connection,
         sums: dict[RollupKey, Sums],
         tag_sets: dict[str, dict[str, str]],
@@ -539,7 +614,8 @@ class RollupHook:
         for day in sorted(recent):
             _rederive(connection, day, day + timedelta(days=1), at)
         _store_tag_sets(connection, tag_sets)
-        _add_sums(connection, {key: value for key, value in sums.items() if key[0] not in recent})
+        self._shard = _claim_shard(connection, self._shard)
+        _add_sums(connection, {key: value for key, value in sums.items() if key[0] not in recent}, self._shard)
 
 
 def attach(writer: Any, url: str | None = None) -> RollupHook:

@@ -212,6 +212,9 @@ class _AlreadyStored(Exception):
 class TransactionCompanion(Protocol):
     """Writes that must commit with a batch of calls or not at all (the writer's rollup)."""
 
+    def prepare(self, connection: Connection, rows: list[Any]) -> None:
+        """Called before the batch's transaction begins, on its connection, with the ``calls`` rows it will add."""
+
     def stage(self, connection: Connection, rows: list[Any]) -> None:
         """Called inside the batch's transaction with the ``calls`` rows it added (``collector.models.CallRow``)."""
 
@@ -498,6 +501,8 @@ class LedgerStore:
         staged = committed = False
         try:
             with self._engine.connect() as connection:
+                if companion is not None:
+                    companion.prepare(connection, rows)
                 # SQLite: take the write lock first, so what this transaction finds stored (the calls
                 # its insert skipped, the days its rollup re-derives) stays as found until it commits.
                 connection.execution_options(dsmeter_sqlite_begin="BEGIN IMMEDIATE")

@@ -162,7 +162,10 @@ class _CommitCutter(Forwarder):
             pass
 
 
-def test_a_commit_the_database_made_but_never_acknowledged_is_not_doubled(postgres_url: str, isolated_home: Path) -> None:
+@pytest.mark.parametrize("unanswered", ["the batch's commit", "the commit of its new tag set, just before"])
+def test_a_commit_the_database_made_but_never_acknowledged_is_not_doubled(
+    postgres_url: str, isolated_home: Path, unanswered: str
+) -> None:
     from sqlalchemy.engine import make_url
 
     LedgerStore(postgres_url).close()
@@ -172,9 +175,15 @@ def test_a_commit_the_database_made_but_never_acknowledged_is_not_doubled(postgr
         url = cutter.url_for(postgres_url)
         writer = LedgerWriter(url, retry_interval=0.3, flush_interval=0.05)
         assert writer.flush(30)
-        records = _records(300)
+        records = _records(301)
+        if unanswered == "the batch's commit":
+            # A first call stores the tag set of them all (none), so the next COMMIT is a batch's own.
+            writer.submit(records[0])
+            assert writer.flush(30) and len(_ids(postgres_url)) == 1
+        else:
+            records = records[1:]  # the writer has not stored their tag set: it commits that first
         cutter.armed = True
-        for record in records:
+        for record in records[-300:]:
             writer.submit(record)
         assert writer.flush(60)
         deadline = time.monotonic() + 30

@@ -19,7 +19,7 @@ from collector.cli import main
 from collector.pricing import default_pricer
 from collector.queries import Filters
 from collector.record import UsageRecord
-from collector.reporting_schema import ROLLUP_DAILY, ROLLUP_STATE
+from collector.reporting_schema import ROLLUP_DAILY, ROLLUP_KEY_COLUMNS, ROLLUP_STATE
 from collector.rollups import RollupHook, attach, compare, rebuild, rollup_sums
 from collector.spool import SpoolFile, replay_spool
 from collector.store import LedgerStore, alembic_config
@@ -343,3 +343,70 @@ def test_rollup_sums_fit_records_as_the_ledger_stores_them() -> None:
     assert key[1] == "m" * 200  # cut to the column, as stored
     assert value["calls"] == 2 and value["cost"] == Decimal("1.0") and value["prompt_cache_hit_tokens"] == 8
     assert list(tag_sets.values()) == [{"a": "1", "b": "2"}]
+
+
+def _same_group(n: int) -> list[UsageRecord]:
+    """``n`` calls that all fall in one rollup row: same day, model, status, key, tags and tariff."""
+    return [UsageRecord(started_at=T0 + timedelta(seconds=i), finished_at=T0 + timedelta(seconds=i + 2),
+                        requested_model="deepseek-flash", model="deepseek-flash", status="completed",
+                        prompt_tokens=100, prompt_cache_hit_tokens=64, prompt_cache_miss_tokens=36,
+                        completion_tokens=10, key_fingerprint="fp-aaaa", tags={"team": "search"})
+            for i in range(n)]
+
+
+@pytest.mark.postgres
+def test_writers_adding_to_the_same_rollup_row_at_once_never_wait_for_each_other(postgres_url: str) -> None:
+    store = LedgerStore(postgres_url)
+    store.migrate()
+    with store.engine.begin() as connection:  # a wait on another writer's row lock fails fast instead of hanging
+        connection.execute(sa.text(f'ALTER DATABASE "{store.engine.url.database}" SET lock_timeout = \'3s\''))
+    store.engine.dispose()
+    from collector.models import call_row
+
+    early = RollupHook(store)
+    with store.engine.connect() as open_batch:
+        rows = [call_row(r) for r in _same_group(5)]
+        early.prepare(open_batch, rows)  # what LedgerStore.insert_new does before the batch's transaction
+        open_batch.begin()
+        # One writer's batch has added its sums to the day's row and has not committed yet ...
+        early.stage(open_batch, rows)
+        # ... while another writer commits a batch whose calls fall in the same row.
+        late = RollupHook(store)
+        assert len(store.insert_new(_same_group(7), companion=late)) == 7
+        assert late.pending == 0  # its sums went in with its calls: it did not wait out the open batch
+        open_batch.rollback()
+        early.settle(committed=False)
+    assert _rollup_calls(store) == 7
+    _assert_agree(store)
+    store.close()
+
+
+def test_downgrading_below_rollup_shards_folds_each_keys_shards_into_one_row_with_their_sums(db_url: str) -> None:
+    store = LedgerStore(db_url)
+    store.migrate()
+    store.insert(_random_records(random.Random(18), 300))
+    rebuild(store)
+    measures = ", ".join(c.name for c in ROLLUP_DAILY.columns if c.name not in ROLLUP_KEY_COLUMNS + ("shard",))
+    halves = ", ".join(f"{m} / 2" for m in measures.split(", "))
+    with store.engine.begin() as connection:  # each key's sums split over two shards, as two writers leave them
+        connection.execute(sa.text(
+            f"INSERT INTO rollup_daily ({', '.join(ROLLUP_KEY_COLUMNS)}, {measures}, shard) "
+            f"SELECT {', '.join(ROLLUP_KEY_COLUMNS)}, {halves}, 7 FROM rollup_daily"))
+        connection.execute(sa.text(
+            "UPDATE rollup_daily SET " + ", ".join(f"{m} = {m} - {m} / 2" for m in measures.split(", "))
+            + " WHERE shard = 0"))
+    _assert_agree(store)
+    keys = ", ".join(ROLLUP_KEY_COLUMNS)
+    count_rows = sa.text(
+        f"SELECT count(*), (SELECT count(*) FROM (SELECT DISTINCT {keys} FROM rollup_daily) AS k) FROM rollup_daily")
+    with store.engine.connect() as connection:
+        rows, distinct = connection.execute(count_rows).one()
+    assert rows == 2 * distinct
+
+    command.downgrade(alembic_config(db_url), "0005")
+    with store.engine.connect() as connection:
+        assert tuple(connection.execute(count_rows).one()) == (distinct, distinct)
+    _assert_agree(store)  # one row per key now, holding both shards' sums
+    command.upgrade(alembic_config(db_url), "head")
+    _assert_agree(store)
+    store.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import queue
@@ -86,7 +87,18 @@ class Forwarder:
     def open(self) -> Forwarder:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                listener.bind(("127.0.0.1", self.port))
+                break
+            except OSError as error:
+                # After cut() the old listener lives on in the kernel until the accept() blocked on
+                # it returns (its 0.05 s timeout): the port is free again a moment later.
+                if error.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    listener.close()
+                    raise
+                time.sleep(0.01)
         listener.listen(64)
         listener.settimeout(0.05)
         self.port = listener.getsockname()[1]
