@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run every benchmark, each against the baseline it measures in the same run, and print a summary.
 
-    python tests/benchmarks/run_all.py              # decoder, client, ledger, proxy (~10 min)
+    python tests/benchmarks/run_all.py              # decoder, client, ledger, writers, proxy (~10 min)
     python tests/benchmarks/run_all.py --quick      # smaller runs of the same (~3 min)
     python tests/benchmarks/run_all.py --all        # also reports at 10M rows, the dashboard at 1M, LiteLLM (long)
     DSMETER_TEST_POSTGRES_URL=postgresql+psycopg://postgres@127.0.0.1:5432/test python tests/benchmarks/run_all.py
@@ -9,7 +9,7 @@
 Each benchmark runs in its own process and prints its own table (shown as it runs); this
 script then lists the headline figure of each against its baseline and its target. Set
 ``DSMETER_TEST_POSTGRES_URL`` to include PostgreSQL in the ledger benchmark (and to run the
-reports benchmark, which needs it). A benchmark that is missing or fails is reported as such;
+writers and reports benchmarks, which need it). A benchmark that is missing or fails is reported as such;
 the others still run.
 """
 
@@ -86,6 +86,20 @@ def _ledger(data: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _writers(data: dict[str, Any]) -> list[list[str]]:
+    by_run = {(r["processes"], r["shards"]): r for r in data["results"]}
+    rows = []
+    for (processes, shards), r in sorted(by_run.items()):
+        if shards == 1:
+            continue  # the baseline, shown beside the sharded run
+        base = by_run.get((processes, 1))
+        rows.append([f"{processes} writer process(es), one PostgreSQL", f"{r['rows_per_s']:,.0f} rows/s, "
+                     f"{100 * r['lock_wait_share']:.1f}% of busy samples waiting on a lock",
+                     "one rollup shard: " + (f"{100 * base['lock_wait_share']:.1f}%" if base else "not run"),
+                     "no waits on another writer"])
+    return rows
+
+
 def _proxy(data: dict[str, Any]) -> list[list[str]]:
     rows = []
     for r in data.get("runs", []):
@@ -109,6 +123,7 @@ BENCHES = [
     Bench("decoder", "bench_decoder.py", [], ["--repeat", "3", "--chunks", "1000"], _decoder),
     Bench("client", "bench_client.py", [], ["--streams", "5"], _client),
     Bench("ledger", "bench_ledger.py", [], ["--rows", "10000", "--repeat", "2"], _ledger),
+    Bench("writers", "bench_writers.py", [], ["--processes", "2", "--rows", "10000"], _writers, needs_postgres=True),
     Bench("proxy", "bench_proxy.py", [], ["--quick"], _proxy),
     Bench("reports", "bench_reports.py", [], ["--rows", "1000000", "--repeat", "2"], None, json=False,
           needs_postgres=True, extra=True),
