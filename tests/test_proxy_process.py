@@ -276,3 +276,22 @@ def test_proxied_calls_land_in_the_ledger_once_each_and_written_cost_reaches_the
     assert all(r["tags"] == {"via": "proxy"} for r in rows)
     expected_cost = Decimal("0.000001") * sum(u["completion_tokens"] for u in served)
     assert Decimal(str(_metric(metrics, 'dsmeter_proxy_cost_total{model="deepseek-v4-flash",currency="USD"}'))) == expected_cost
+
+
+def test_a_proxy_process_loads_its_price_book_then_takes_its_startup_heap_out_of_collections(tmp_path: Any) -> None:
+    import gc
+
+    from collector.proxy_server import _freeze_startup_heap
+
+    writer = LedgerWriter(f"sqlite:///{tmp_path / 'ledger.db'}", spool_dir=tmp_path / "spool")
+    frozen = gc.get_freeze_count()
+    try:
+        _freeze_startup_heap(writer)
+        book = writer.pricer.book()  # type: ignore[attr-defined]
+        assert book is not None
+        assert gc.get_freeze_count() > frozen
+        # Loaded before the freeze, so no collection walks it: frozen objects are in no generation.
+        assert not any(obj is book for obj in gc.get_objects())
+    finally:
+        gc.unfreeze()
+        writer.close()
