@@ -41,13 +41,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchutil import REPO, Server, callgrind_instructions, conditions, table, write_json  # noqa: E402
+from benchutil import REPO, Server, callgrind_instructions, print_conditions, table, write_json  # noqa: E402
 
 KEY = "sk-bench-not-a-real-key"
 
@@ -213,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{instructions['metered']:,.0f}: {extra * 100:+.2f}% "
               f"({(instructions['metered'] - instructions['plain']) / args.chunks:,.0f} per chunk)")
     print("target: metering adds under 3% to the SDK's own cost")
-    env_info = conditions()
-    print("conditions: " + ", ".join(f"{k}={v}" for k, v in env_info.items()))
+    env_info = print_conditions()
     write_json(args.json, {"benchmark": "client", "conditions": env_info, "chunks": args.chunks,
                            "streams": args.streams, "results": results})
     return 0

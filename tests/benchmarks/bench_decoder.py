@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchutil import FIXTURES, callgrind_instructions, conditions, cpu_times, median, table, write_json  # noqa: E402
+from benchutil import FIXTURES, callgrind_instructions, conditions, cpu_times, median, print_conditions, table, write_json  # noqa: E402
 
 from collector.accumulator import StreamAccumulator  # noqa: E402
 from collector.metering import CallMeter, prepare_request  # noqa: E402
@@ -299,8 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"decoder + metering, CPU time per chunk (median of {args.repeat}), {args.chunks}-chunk streams")
     print(report(results))
     print("targets: SDK/metering >= 20x; metering/floor < 1.00 (cheaper than json.loads of every chunk)")
-    env = conditions()
-    print("conditions: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    env = print_conditions()
     write_json(args.json, {"benchmark": "decoder", "conditions": env, "results": results})
     return 0
 

@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchutil import conditions, process_cpu, table, write_json  # noqa: E402
+from benchutil import print_conditions, process_cpu, table, write_json  # noqa: E402
 
 MODELS = [("deepseek-v4-flash", "deepseek-v4-flash"), ("deepseek-v4-pro", "deepseek-v4-pro"),
           ("deepseek-chat", "deepseek-v4-flash"), ("deepseek-reasoner", "deepseek-v4-flash")]
@@ -304,8 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         if "bytes" in r:
             print(f"PostgreSQL on disk: calls {r['bytes']['calls']:,} B ({r['calls_bytes_per_row']} B/row, heap alone "
                   f"{r['calls_heap_bytes_per_row']} B/row), call_tags {r['bytes']['call_tags']:,} B, {r['total_rows']:,} rows")
-    env = conditions()
-    print("conditions: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    env = print_conditions()
     write_json(args.json, {"benchmark": "ledger", "conditions": env, "results": results})
     return 0
 

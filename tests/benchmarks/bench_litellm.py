@@ -46,7 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_proxy import _SIMULATOR, Child, Run, measure, paced_arrivals  # noqa: E402
-from benchutil import Server, conditions  # noqa: E402
+from benchutil import Server, print_conditions  # noqa: E402
 
 DEFAULT_VERSION = "1.106.0"
 BODY_MESSAGES = [{"role": "system", "content": "You are terse. " * 40},
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 "litellm": _figures(theirs)}
             out["settings"] = {"workers": args.workers, "output_tokens": args.output_tokens,
                                "litellm_version": args.litellm_version}
-            print("conditions: " + ", ".join(f"{k}={v}" for k, v in conditions().items()))
+            print_conditions()
             if args.json:
                 Path(args.json).write_text(json.dumps(out, indent=2))
         finally:

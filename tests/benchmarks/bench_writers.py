@@ -40,7 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_ledger import make_records, postgres_database  # noqa: E402
-from benchutil import conditions, table, write_json  # noqa: E402
+from benchutil import print_conditions, table, write_json  # noqa: E402
 
 SAMPLE_INTERVAL = 0.002  # seconds between two looks at pg_stat_activity
 
@@ -213,8 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(["processes", "rollup shards", "rows/s, all processes", "busy backend samples waiting on a lock",
                  "share", "waits by kind", "shards used", "rollup rows"], rows))
     print("shards 1 = the baseline: every writer adding to the same rollup rows, as before migration 0006")
-    env = conditions()
-    print("conditions: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    env = print_conditions()
     write_json(args.json, {"benchmark": "writers", "conditions": env, "results": results})
     return 0
 

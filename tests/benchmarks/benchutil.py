@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "REPO", "FIXTURES", "cpu_times", "median", "conditions", "table", "write_json",
+    "REPO", "FIXTURES", "cpu_times", "median", "conditions", "print_conditions", "table", "write_json",
     "process_cpu", "descendants", "Server", "callgrind_instructions",
 ]
 
@@ -61,6 +61,13 @@ def conditions() -> dict[str, Any]:
         "loadavg_1m": round(load[0], 2),
         "argv": " ".join([Path(sys.executable).name, *sys.argv]),
     }
+
+
+def print_conditions() -> dict[str, Any]:
+    """Print the figures' ``conditions()`` as the last line of a benchmark's output, and return them."""
+    env = conditions()
+    print("conditions: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    return env
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from benchutil import REPO, conditions, table  # noqa: E402
+from benchutil import REPO, print_conditions, table  # noqa: E402
 
 
 @dataclass
@@ -173,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary:
         print(table(["benchmark", "figure", "against the baseline", "target"], summary))
     print("\n" + "\n".join(f"{b.name}: {b.outcome}" for b in chosen))
-    env = conditions()
-    print("conditions: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    print_conditions()
     return 1 if any(b.outcome.startswith("failed") for b in chosen) else 0
 
 
