@@ -182,9 +182,9 @@ def _freeze_startup_heap(writer: LedgerWriter) -> None:
     """Load what a proxy process keeps for life, then take it out of the garbage collector's way.
 
     A full collection walks every tracked object with the event loop stopped: in a proxy
-    process, about 56,000 of them from imports, SQLAlchemy and the price book, so 33-39 ms for
-    each one (two in a 3-minute bench_proxy run), which every stream in flight waited out.
-    Frozen, a collection walks only what was made since.
+    process, about 82,000 of them from imports, SQLAlchemy and the price book. One came 36 s
+    into a bench_proxy run and took 45.6 ms, which every stream in flight waited out. Frozen,
+    a collection walks only what was made since.
     """
     book = getattr(writer.pricer, "book", None)
     if callable(book):
