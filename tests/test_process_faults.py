@@ -175,15 +175,16 @@ def test_a_commit_the_database_made_but_never_acknowledged_is_not_doubled(
         url = cutter.url_for(postgres_url)
         writer = LedgerWriter(url, retry_interval=0.3, flush_interval=0.05)
         assert writer.flush(30)
-        records = _records(301)
+        first, batch = _records(1), _records(300)
+        records = batch
         if unanswered == "the batch's commit":
             # A first call stores the tag set of them all (none), so the next COMMIT is a batch's own.
-            writer.submit(records[0])
+            writer.submit(first[0])
             assert writer.flush(30) and len(_ids(postgres_url)) == 1
-        else:
-            records = records[1:]  # the writer has not stored their tag set: it commits that first
+            records = first + batch
+        # Otherwise the writer has not stored their tag set yet, and commits that first.
         cutter.armed = True
-        for record in records[-300:]:
+        for record in batch:
             writer.submit(record)
         assert writer.flush(60)
         deadline = time.monotonic() + 30

@@ -19,7 +19,13 @@ from collector.cli import main
 from collector.pricing import default_pricer
 from collector.queries import Filters
 from collector.record import UsageRecord
-from collector.reporting_schema import ROLLUP_DAILY, ROLLUP_KEY_COLUMNS, ROLLUP_STATE
+from collector.reporting_schema import (
+    ROLLUP_COUNT_COLUMNS,
+    ROLLUP_DAILY,
+    ROLLUP_KEY_COLUMNS,
+    ROLLUP_MONEY_COLUMNS,
+    ROLLUP_STATE,
+)
 from collector.rollups import RollupHook, attach, compare, rebuild, rollup_sums
 from collector.spool import SpoolFile, replay_spool
 from collector.store import LedgerStore, alembic_config
@@ -386,17 +392,15 @@ def test_downgrading_below_rollup_shards_folds_each_keys_shards_into_one_row_wit
     store.migrate()
     store.insert(_random_records(random.Random(18), 300))
     rebuild(store)
-    measures = ", ".join(c.name for c in ROLLUP_DAILY.columns if c.name not in ROLLUP_KEY_COLUMNS + ("shard",))
-    halves = ", ".join(f"{m} / 2" for m in measures.split(", "))
+    names = ROLLUP_COUNT_COLUMNS + ROLLUP_MONEY_COLUMNS
+    keys, measures = ", ".join(ROLLUP_KEY_COLUMNS), ", ".join(names)
     with store.engine.begin() as connection:  # each key's sums split over two shards, as two writers leave them
         connection.execute(sa.text(
-            f"INSERT INTO rollup_daily ({', '.join(ROLLUP_KEY_COLUMNS)}, {measures}, shard) "
-            f"SELECT {', '.join(ROLLUP_KEY_COLUMNS)}, {halves}, 7 FROM rollup_daily"))
+            f"INSERT INTO rollup_daily ({keys}, {measures}, shard) "
+            f"SELECT {keys}, {', '.join(f'{m} / 2' for m in names)}, 7 FROM rollup_daily"))
         connection.execute(sa.text(
-            "UPDATE rollup_daily SET " + ", ".join(f"{m} = {m} - {m} / 2" for m in measures.split(", "))
-            + " WHERE shard = 0"))
+            f"UPDATE rollup_daily SET {', '.join(f'{m} = {m} - {m} / 2' for m in names)} WHERE shard = 0"))
     _assert_agree(store)
-    keys = ", ".join(ROLLUP_KEY_COLUMNS)
     count_rows = sa.text(
         f"SELECT count(*), (SELECT count(*) FROM (SELECT DISTINCT {keys} FROM rollup_daily) AS k) FROM rollup_daily")
     with store.engine.connect() as connection:
